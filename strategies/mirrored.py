@@ -1,0 +1,42 @@
+"""`mirrored`: synchronous data parallelism over the devices of one machine."""
+
+from typing import Sequence
+
+import tensorflow as tf
+
+from tfpar import config as config_lib
+from tfpar import devices as devices_lib
+from tfpar.strategies import base
+
+
+def cross_device_ops(name: str):
+    """tf.distribute CrossDeviceOps for a name of config.CROSS_DEVICE_OPS."""
+    config_lib.choice("cross_device_ops", name, config_lib.CROSS_DEVICE_OPS)
+    return {
+        "auto": lambda: None,
+        "hierarchical_copy": tf.distribute.HierarchicalCopyAllReduce,
+        "reduction_to_one_device": tf.distribute.ReductionToOneDevice,
+        "nccl": tf.distribute.NcclAllReduce,
+    }[name]()
+
+
+class MirroredAdapter(base.StrategyAdapter):
+    """MirroredStrategy over `devices`, or the first `num_devices` (0: all)."""
+
+    name = "mirrored"
+
+    def __init__(self, *, devices: Sequence[str] = (), num_devices: int = 0,
+                 cross_device_ops_name: str = "auto"):
+        super().__init__()
+        self.cross_device_ops_name = cross_device_ops_name
+        resolved = devices_lib.select_devices(devices, num_devices)
+        self.strategy = tf.distribute.MirroredStrategy(
+            devices=resolved, cross_device_ops=cross_device_ops(cross_device_ops_name))
+
+    @classmethod
+    def from_config(cls, parallel: config_lib.ParallelConfig) -> "MirroredAdapter":
+        return cls(devices=parallel.devices, num_devices=parallel.num_virtual_devices,
+                   cross_device_ops_name=parallel.cross_device_ops)
+
+    def describe(self) -> str:
+        return f"{super().describe()}, cross_device_ops={self.cross_device_ops_name}"

@@ -1,0 +1,193 @@
+"""Frozen run configuration, validated once when it is made.
+
+Every check raises `ValueError` with one line: what is wrong, what was
+received and what is accepted (with the closest valid name for a misspelt
+one). Entry points turn flags into these dataclasses; library code never reads
+flags.
+"""
+
+import dataclasses
+import difflib
+import os
+from typing import Optional, Tuple
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "dtensor", "pipeline")
+MODELS = ("gpt", "seq2seq")
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+CROSS_DEVICE_OPS = ("auto", "hierarchical_copy", "reduction_to_one_device", "nccl")
+COMMUNICATIONS = ("auto", "ring", "nccl")
+SCHEDULES = ("gpipe", "1f1b")
+
+# size -> (d_model, num_layers, num_heads, mlp_dim, default seq_len)
+MODEL_SIZES = {
+    "tiny": (64, 2, 4, 256, 32),
+    "small": (256, 4, 4, 1024, 128),
+    "medium": (512, 8, 8, 2048, 256),
+    "large": (768, 12, 12, 3072, 512),
+}
+# Byte vocabulary; seq2seq adds MASK and BOS and pads to a multiple of 8 so
+# that the vocabulary splits evenly over a model axis of up to 8 devices.
+VOCAB_SIZES = {"gpt": 256, "seq2seq": 264}
+MASK_ID, BOS_ID = 256, 257
+
+
+def model_config(name: str = "gpt", size: str = "small", *,
+                 seq_len: Optional[int] = None, dropout: float = 0.0) -> "ModelConfig":
+    """A ModelConfig from a named size preset."""
+    choice("model", name, MODELS)
+    choice("model_size", size, MODEL_SIZES)
+    d_model, num_layers, num_heads, mlp_dim, default_len = MODEL_SIZES[size]
+    return ModelConfig(
+        name=name, size=size, d_model=d_model, num_layers=num_layers,
+        num_heads=num_heads, mlp_dim=mlp_dim, vocab_size=VOCAB_SIZES[name],
+        seq_len=default_len if seq_len is None else seq_len, dropout=dropout)
+
+
+def choice(flag: str, value: str, accepted) -> str:
+    """Returns `value` if it is one of `accepted`, else raises a one-line error."""
+    if value in accepted:
+        return value
+    close = difflib.get_close_matches(str(value), list(accepted), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ValueError(
+        f"--{flag}: unknown value. Received: {flag}={value!r}; accepted: "
+        f"{', '.join(accepted)}.{hint}")
+
+
+def positive(flag: str, value, *, allow_zero: bool = False):
+    """Returns `value` if it is > 0 (or >= 0), else raises a one-line error."""
+    if value > 0 or (allow_zero and value == 0):
+        return value
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(
+        f"--{flag} must be {bound}. Received: {flag}={value}; accepted: a "
+        f"number {bound}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a built-in Transformer. `num_layers` counts blocks per stack."""
+    name: str = "gpt"
+    size: str = "small"
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp_dim: int = 1024
+    vocab_size: int = 256
+    seq_len: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        choice("model", self.name, MODELS)
+        positive("seq_len", self.seq_len)
+        for field in ("d_model", "num_layers", "num_heads", "mlp_dim", "vocab_size"):
+            positive(field, getattr(self, field))
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model must be divisible by num_heads. Received: "
+                f"d_model={self.d_model}, num_heads={self.num_heads}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"--dropout must be in [0, 1). Received: dropout={self.dropout}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are batched."""
+    dataset: str = "builtin"
+    data_dir: Optional[str] = None
+    global_batch_size: int = 16
+    seq_len: int = 128
+    seed: int = 0
+    shuffle_buffer: int = 10_000
+
+    def __post_init__(self):
+        positive("global_batch_size", self.global_batch_size)
+        positive("seq_len", self.seq_len)
+        kind, _, arg = self.dataset.partition(":")
+        choice("dataset", kind if arg or kind == "builtin" else self.dataset,
+               ("builtin", "text", "tfds"))
+        if kind == "text" and not os.path.isfile(arg):
+            raise ValueError(
+                f"--dataset: text file not found. Received: dataset={self.dataset!r}; "
+                "accepted: text:PATH to an existing file.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Which strategy, over which devices, with which options."""
+    strategy: str = "default"
+    num_virtual_devices: int = 0
+    devices: Tuple[str, ...] = ()
+    cross_device_ops: str = "auto"
+    communication: str = "auto"
+    mesh: str = ""
+    layout_rules: str = ""
+    pipeline_stages: int = 1
+    num_microbatches: int = 1
+    pipeline_schedule: str = "gpipe"
+    stage_boundaries: Tuple[int, ...] = ()
+    remat: bool = False
+
+    def __post_init__(self):
+        choice("strategy", self.strategy, STRATEGIES)
+        choice("cross_device_ops", self.cross_device_ops, CROSS_DEVICE_OPS)
+        choice("communication", self.communication, COMMUNICATIONS)
+        choice("pipeline_schedule", self.pipeline_schedule, SCHEDULES)
+        positive("num_virtual_devices", self.num_virtual_devices, allow_zero=True)
+        positive("pipeline_stages", self.pipeline_stages)
+        positive("num_microbatches", self.num_microbatches)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    optimizer: str = "adamw"
+    learning_rate: float = 2e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    steps_per_epoch: int = 50
+    epochs: int = 4
+    mixed_precision: str = "float32"
+    grad_accum_steps: int = 1
+    jit_compile: bool = False
+    model_dir: Optional[str] = None
+    backup_every_steps: int = 0
+    metrics_json: Optional[str] = None
+    seed: int = 0
+    verbose: int = 1
+
+    def __post_init__(self):
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        positive("learning_rate", self.learning_rate)
+        positive("steps_per_epoch", self.steps_per_epoch)
+        positive("epochs", self.epochs)
+        positive("grad_accum_steps", self.grad_accum_steps)
+        positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        positive("backup_every_steps", self.backup_every_steps, allow_zero=True)
+        if self.data.seq_len != self.model.seq_len:
+            raise ValueError(
+                f"seq_len differs between data and model. Received: "
+                f"data.seq_len={self.data.seq_len}, model.seq_len={self.model.seq_len}.")
+        micro = self.data.global_batch_size % self.grad_accum_steps
+        if micro:
+            raise ValueError(
+                f"--global_batch_size must be divisible by --grad_accum_steps. Received: "
+                f"global_batch_size={self.data.global_batch_size}, "
+                f"grad_accum_steps={self.grad_accum_steps}.")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,152 @@
+"""Token datasets through tensorflow-datasets, with a byte-level tokenizer.
+
+Sources (`DataConfig.dataset`):
+  builtin     the `tfpar_text` TFDS builder over CPython's bundled documentation
+              text (`pydoc_data.topics`, about 465 KB): works offline.
+  text:PATH   the same builder over a user's text file.
+  tfds:NAME   any TFDS dataset with a text feature, through `tfds.load`.
+
+The pipeline is deterministic for a seed: windows of bytes are shuffled with
+the seed (a new permutation per pass), split between input pipelines (`tf.distribute.InputContext`)
+after the shuffle, so that the union of the workers' k-th batches is exactly
+the k-th global batch of a single pipeline, then batched per replica.
+"""
+
+import functools
+import hashlib
+import os
+from typing import Callable, Optional
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tfpar import config as config_lib
+
+_RECORD_BYTES = 4096
+_PASSES = 16  # distinct permutations before the order repeats
+_SEED_STRIDE = 1_000_003
+
+
+class TextConfig(tfds.core.BuilderConfig):
+    """A text corpus: `path` to a file, or None for the bundled documentation."""
+
+    def __init__(self, *, path: Optional[str] = None, **kwargs):
+        super().__init__(version="1.0.0", **kwargs)
+        self.path = path
+
+
+def _builtin_text() -> str:
+    from pydoc_data import topics  # pylint: disable=import-outside-toplevel
+    return "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+
+
+class TfparText(tfds.core.GeneratorBasedBuilder):
+    """Plain text cut into records of 4 KB; one `train` split."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [TextConfig(name="builtin", description="pydoc_data.topics")]
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            description="Plain text for byte-level language modelling.")
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing is downloaded.
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        if self.builder_config.path:
+            with open(self.builder_config.path, "rb") as f:
+                data = f.read()
+        else:
+            data = _builtin_text().encode("utf-8")
+        for i in range(0, len(data), _RECORD_BYTES):
+            yield i, {"text": data[i:i + _RECORD_BYTES]}
+
+
+def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
+    """A dataset of scalar `tf.string` texts for `data.dataset`.
+
+    Raises:
+      ValueError: for an unknown TFDS name or a dataset without a text feature.
+    """
+    kind, _, arg = data.dataset.partition(":")
+    if kind in ("builtin", "text"):
+        builder_config = None
+        if kind == "text":
+            digest = hashlib.sha1(os.path.abspath(arg).encode()).hexdigest()[:12]
+            builder_config = TextConfig(name=f"file_{digest}", path=arg)
+        builder = TfparText(data_dir=data.data_dir, config=builder_config)
+        builder.download_and_prepare()
+        return builder.as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])
+    try:
+        ds, info = tfds.load(arg, split="train", data_dir=data.data_dir, with_info=True,
+                             download=data.data_dir is None)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"--dataset: unknown TFDS dataset. Received: dataset={data.dataset!r}; "
+            "accepted: a name from tfds.list_builders().") from None
+    keys = [k for k, f in info.features.items() if getattr(f, "dtype", None) == tf.string]
+    if not keys:
+        raise ValueError(
+            f"--dataset: TFDS dataset has no text feature. Received: dataset={data.dataset!r}; "
+            "accepted: a dataset with a string feature such as 'text'.")
+    key = "text" if "text" in keys else keys[0]
+    return ds.map(lambda ex: ex[key])
+
+
+def token_windows(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
+    """Consecutive, non-overlapping windows of `length` byte tokens (int32), cached."""
+    texts = text_dataset(data)
+    tokens = texts.map(lambda t: tf.cast(tf.io.decode_raw(t, tf.uint8), tf.int32))
+    return tokens.unbatch().batch(length, drop_remainder=True).cache()
+
+
+def causal_example(window):
+    """(tokens[:-1], tokens[1:]) for next-token prediction."""
+    return window[:-1], window[1:]
+
+
+def denoising_example(seed: int, mask_rate: float = 0.15, span: int = 3):
+    """Returns a map fn: (index, window) -> ({encoder, decoder tokens}, target).
+
+    Spans of `span` tokens starting with probability mask_rate/span are replaced
+    by MASK in the encoder input; the decoder reconstructs the original window.
+    """
+    def fn(index, window):
+        starts = tf.random.stateless_uniform(
+            tf.shape(window), seed=tf.stack([tf.cast(seed, tf.int64), index])) < mask_rate / span
+        starts = tf.cast(starts, tf.int32)
+        padded = tf.pad(starts, [[span - 1, 0]])
+        masked = tf.add_n([padded[i:i + tf.shape(window)[0]] for i in range(span)]) > 0
+        encoder = tf.where(masked, config_lib.MASK_ID, window)
+        decoder = tf.concat([[config_lib.BOS_ID], window[:-1]], axis=0)
+        return {"encoder_tokens": encoder, "decoder_tokens": decoder}, window
+    return fn
+
+
+def make_dataset_fn(run: config_lib.RunConfig) -> Callable:
+    """Returns `dataset_fn(input_context=None)` giving per-replica (x, y) batches."""
+    data, model_name = run.data, run.model.name
+    if model_name == "gpt":
+        examples = token_windows(data, data.seq_len + 1).map(causal_example)
+    else:
+        examples = token_windows(data, data.seq_len).enumerate().map(
+            denoising_example(data.seed)).cache()
+
+    def dataset_fn(input_context: Optional[tf.distribute.InputContext] = None):
+        ctx = input_context or tf.distribute.InputContext()
+        # Each pass over the data has its own fixed permutation, seeded by
+        # (seed, pass), so every new iterator replays the same order. (Keras
+        # opens the iterator twice under a strategy; with
+        # reshuffle_each_iteration the order would then differ from default.)
+        passes = [examples.shuffle(data.shuffle_buffer, seed=data.seed * _SEED_STRIDE + p,
+                                   reshuffle_each_iteration=False) for p in range(_PASSES)]
+        ds = functools.reduce(lambda a, b: a.concatenate(b), passes).repeat()
+        if ctx.num_input_pipelines > 1:
+            ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+        batch = ctx.get_per_replica_batch_size(data.global_batch_size)
+        return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    return dataset_fn

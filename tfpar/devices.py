@@ -1,0 +1,72 @@
+"""Virtual devices: split the CPU (or a GPU) into N logical devices."""
+
+from typing import List, Sequence
+
+import tensorflow as tf
+
+# Memory cap per logical GPU when a physical GPU is split.
+_GPU_SLICE_MB = 2048
+
+
+def configure_virtual_devices(num_devices: int) -> List[str]:
+    """Splits the accelerator (or the CPU) into `num_devices` logical devices.
+
+    Must run before TensorFlow initializes its devices. With 0 the devices are
+    left as they are. Returns the names of the logical devices of that kind.
+
+    Raises:
+      ValueError: if `num_devices` is negative, or TensorFlow already
+        initialized its devices with a different split.
+    """
+    if num_devices < 0:
+        raise ValueError(
+            f"--num_virtual_devices must be >= 0. Received: num_virtual_devices={num_devices}.")
+    gpus = tf.config.list_physical_devices("GPU")
+    physical = gpus[0] if gpus else tf.config.list_physical_devices("CPU")[0]
+    kind = "GPU" if gpus else "CPU"
+    if num_devices:
+        if gpus:
+            configs = [tf.config.LogicalDeviceConfiguration(memory_limit=_GPU_SLICE_MB)
+                       for _ in range(num_devices)]
+        else:
+            configs = [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)]
+        try:
+            tf.config.set_logical_device_configuration(physical, configs)
+        except RuntimeError:
+            current = len(tf.config.list_logical_devices(kind))
+            if current != num_devices:
+                raise ValueError(
+                    f"--num_virtual_devices: TensorFlow already initialized {current} "
+                    f"{kind} device(s); virtual devices can be set only before that. "
+                    f"Received: num_virtual_devices={num_devices}.") from None
+    return [d.name for d in tf.config.list_logical_devices(kind)]
+
+
+def accelerator_kind() -> str:
+    """'GPU' when a GPU is visible, else 'CPU'."""
+    return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+
+
+def select_devices(requested: Sequence[str], count: int = 0) -> List[str]:
+    """Resolves device names: `requested` if given, else the first `count` (0: all).
+
+    Raises:
+      ValueError: if a requested device does not exist or `count` exceeds them.
+    """
+    available = [d.name for d in tf.config.list_logical_devices(accelerator_kind())]
+    short = {name.split("device:")[-1].lower(): name for name in available}
+    if requested:
+        resolved = []
+        for name in requested:
+            key = name.split("device:")[-1].lower().lstrip("/")
+            if name not in available and key not in short:
+                raise ValueError(
+                    f"--devices: no such device. Received: {name!r}; available: "
+                    f"{', '.join(available)}.")
+            resolved.append(name if name in available else short[key])
+        return resolved
+    if count > len(available):
+        raise ValueError(
+            f"more devices asked for than exist. Received: {count} devices; available: "
+            f"{len(available)} ({', '.join(available)}). Set --num_virtual_devices={count}.")
+    return available[:count] if count else available

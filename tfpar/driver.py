@@ -1,0 +1,136 @@
+"""The training driver: config -> adapter -> model -> `model.fit` -> metrics.
+
+`train(run)` is what `tfpar-train` calls; tests and users can call it as plain
+Python. It composes the pieces and imports models and strategies, so nothing
+below it imports it.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+import keras
+import tensorflow as tf
+
+from tfpar import callbacks as callbacks_lib
+from tfpar import config as config_lib
+from tfpar import data as data_lib
+from tfpar import modeling
+from tfpar import training
+from tfpar import models
+from tfpar import strategies
+
+
+def build_model(run: config_lib.RunConfig, adapter) -> modeling.LanguageModel:
+    """Builds and compiles the model inside the adapter's scope."""
+    with adapter.scope():
+        model = models.build(run.model)
+        adapter.prepare_model(model, run)
+        optimizer = training.build_optimizer(
+            run.optimizer, learning_rate=run.learning_rate, total_steps=run.total_steps,
+            warmup_steps=run.warmup_steps, weight_decay=run.weight_decay)
+        model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=False)
+    return model
+
+
+def fit_callbacks(run: config_lib.RunConfig, adapter, work_dir: Optional[str]) -> List[Any]:
+    """Checkpoints, backup and TensorBoard under `work_dir` (the chief's model_dir)."""
+    if not work_dir:
+        return []
+    backup_freq = run.backup_every_steps or "epoch"
+    return [
+        keras.callbacks.BackupAndRestore(os.path.join(work_dir, "backup"), save_freq=backup_freq),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(work_dir, "checkpoints", "epoch_{epoch:03d}.weights.h5"),
+            save_weights_only=True),
+        keras.callbacks.TensorBoard(os.path.join(work_dir, "logs"), update_freq="epoch"),
+    ]
+
+
+def _work_dir(run: config_lib.RunConfig, adapter) -> Optional[str]:
+    """The chief writes to model_dir; other workers to a temporary place."""
+    if not run.model_dir:
+        return None
+    if adapter.is_chief:
+        return run.model_dir
+    return tempfile.mkdtemp(prefix="tfpar_worker_")
+
+
+def train(run: config_lib.RunConfig, adapter=None) -> Dict[str, Any]:
+    """Trains `run` under `adapter` (made from `run.parallel` if None); returns metrics.
+
+    Raises:
+      ValueError: for a configuration the adapter cannot run.
+      FloatingPointError: if the loss becomes non-finite (names the step).
+    """
+    adapter = adapter or strategies.from_config(run.parallel)
+    adapter.validate(run)
+    keras.utils.set_random_seed(run.seed)
+    keras.mixed_precision.set_global_policy(run.mixed_precision)
+    work_dir = _work_dir(run, adapter)
+    try:
+        model = build_model(run, adapter)
+        dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run))
+        recorder = callbacks_lib.StepRecorder(run.data.global_batch_size * model.tokens_per_example())
+        if work_dir:
+            os.makedirs(work_dir, exist_ok=True)
+            with open(os.path.join(work_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(run), f, indent=2)
+        if run.verbose:
+            print(f"tfpar: {adapter!r}; {modeling.count_params(model):,} parameters", flush=True)
+        start = time.perf_counter()
+        model.fit(dataset, epochs=run.epochs, steps_per_epoch=run.steps_per_epoch,
+                  callbacks=[recorder, *fit_callbacks(run, adapter, work_dir)],
+                  verbose=run.verbose)
+        wall = time.perf_counter() - start
+        if recorder.non_finite_step is not None:
+            raise FloatingPointError(
+                f"loss became non-finite at step {recorder.non_finite_step}; training stopped "
+                f"and the last good checkpoint was kept.")
+        if work_dir:
+            model.save_weights(os.path.join(work_dir, "final.weights.h5"))
+        metrics = collect_metrics(run, adapter, model, recorder, wall)
+        if run.metrics_json and adapter.is_chief:
+            write_json(run.metrics_json, metrics)
+        return metrics
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+        if work_dir and not adapter.is_chief:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def collect_metrics(run, adapter, model, recorder, wall_seconds) -> Dict[str, Any]:
+    """The metrics JSON of DESIGN.md."""
+    cfg = dataclasses.asdict(run.model)
+    return {
+        "strategy": adapter.name,
+        "num_replicas": adapter.num_replicas,
+        "devices": adapter.devices,
+        "params": modeling.count_params(model),
+        "model_config": cfg,
+        "global_batch_size": run.data.global_batch_size,
+        "grad_accum_steps": run.grad_accum_steps,
+        "mixed_precision": run.mixed_precision,
+        "jit_compile": run.jit_compile,
+        "step_losses": recorder.step_losses,
+        "final_loss": recorder.step_losses[-1] if recorder.step_losses else None,
+        "tokens_per_second": recorder.tokens_per_second,
+        "step_seconds": recorder.step_seconds,
+        "wall_seconds": wall_seconds,
+        "per_device_param_bytes": adapter.per_device_param_bytes(model),
+        **adapter.extra_metrics(),
+    }
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    """Writes JSON atomically (temporary file, then rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)

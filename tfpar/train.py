@@ -1,0 +1,133 @@
+"""tfpar-train: train a built-in Transformer under a parallel strategy.
+
+    tfpar-train                                  # default run: mirrored, 2 virtual CPUs
+    tfpar-train --strategy=default --model_size=tiny --steps_per_epoch=20
+    python -m tfpar.train --flagfile=run.flags
+
+Bad input exits with status 2 and one line on stderr, before TensorFlow starts.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from tfpar import config as config_lib
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", "gpt", f"Model: {', '.join(config_lib.MODELS)}.")
+flags.DEFINE_string("model_size", "small", f"Size preset: {', '.join(config_lib.MODEL_SIZES)}.")
+flags.DEFINE_string("strategy", "mirrored", f"Strategy: {', '.join(config_lib.STRATEGIES)}.")
+flags.DEFINE_integer("num_virtual_devices", 2, "Split the CPU (or GPU) into N logical devices; 0 leaves them.")
+flags.DEFINE_list("devices", [], "Devices for `mirrored` (default: the first N virtual devices).")
+flags.DEFINE_string("cross_device_ops", "auto", f"mirrored all-reduce: {', '.join(config_lib.CROSS_DEVICE_OPS)}.")
+flags.DEFINE_string("communication", "auto", f"multi_worker collectives: {', '.join(config_lib.COMMUNICATIONS)}.")
+flags.DEFINE_string("mesh", "", "dtensor mesh, e.g. batch:2,model:2.")
+flags.DEFINE_string("layout_rules", "", "dtensor layout rules file (JSON).")
+flags.DEFINE_integer("pipeline_stages", 1, "pipeline: number of stages K.")
+flags.DEFINE_integer("num_microbatches", 1, "pipeline: micro-batches M per replica batch.")
+flags.DEFINE_string("pipeline_schedule", "gpipe", f"pipeline schedule: {', '.join(config_lib.SCHEDULES)}.")
+flags.DEFINE_list("stage_boundaries", [], "pipeline: explicit first block index of stages 2..K.")
+flags.DEFINE_bool("remat", False, "pipeline: recompute activations in the backward pass.")
+flags.DEFINE_integer("global_batch_size", 16, "Examples per optimizer step, over all replicas.")
+flags.DEFINE_integer("seq_len", None, "Tokens per example (default: the size preset's).")
+flags.DEFINE_integer("steps_per_epoch", 50, "Optimizer steps per epoch.")
+flags.DEFINE_integer("epochs", 4, "Epochs.")
+flags.DEFINE_string("optimizer", "adamw", f"Optimizer: {', '.join(config_lib.OPTIMIZERS)}.")
+flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate (linear warmup, then cosine decay).")
+flags.DEFINE_integer("warmup_steps", 20, "Warmup steps.")
+flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay.")
+flags.DEFINE_float("dropout", 0.0, "Dropout rate.")
+flags.DEFINE_string("mixed_precision", "float32", f"Precision policy: {', '.join(config_lib.PRECISIONS)}.")
+flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches whose gradients are summed per step.")
+flags.DEFINE_bool("jit_compile", False, "Compile the gradient computation with XLA.")
+flags.DEFINE_string("dataset", "builtin", "builtin, text:PATH or tfds:NAME.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+flags.DEFINE_string("model_dir", None, "Checkpoints, backup, TensorBoard logs and final weights.")
+flags.DEFINE_integer("backup_every_steps", 0, "BackupAndRestore every N steps (0: every epoch).")
+flags.DEFINE_integer("seed", 0, "Seed for weights and data order.")
+flags.DEFINE_string("metrics_json", None, "Write run metrics to this JSON file.")
+flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+
+def _int_list(flag: str, values) -> tuple:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ValueError(
+            f"--{flag} must be a list of integers. Received: {flag}={','.join(values)}.") from None
+
+
+def config_from_flags() -> config_lib.RunConfig:
+    """Turns the parsed flags into a validated RunConfig (raises ValueError)."""
+    config_lib.choice("model_size", FLAGS.model_size, tuple(config_lib.MODEL_SIZES))
+    if FLAGS.seq_len is not None:
+        config_lib.positive("seq_len", FLAGS.seq_len)
+    model = config_lib.model_config(FLAGS.model, FLAGS.model_size, seq_len=FLAGS.seq_len,
+                                    dropout=FLAGS.dropout)
+    data = config_lib.DataConfig(
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, global_batch_size=FLAGS.global_batch_size,
+        seq_len=model.seq_len, seed=FLAGS.seed)
+    parallel = config_lib.ParallelConfig(
+        strategy=FLAGS.strategy, num_virtual_devices=FLAGS.num_virtual_devices,
+        devices=tuple(FLAGS.devices), cross_device_ops=FLAGS.cross_device_ops,
+        communication=FLAGS.communication, mesh=FLAGS.mesh, layout_rules=FLAGS.layout_rules,
+        pipeline_stages=FLAGS.pipeline_stages, num_microbatches=FLAGS.num_microbatches,
+        pipeline_schedule=FLAGS.pipeline_schedule,
+        stage_boundaries=_int_list("stage_boundaries", FLAGS.stage_boundaries), remat=FLAGS.remat)
+    return config_lib.RunConfig(
+        model=model, data=data, parallel=parallel, optimizer=FLAGS.optimizer,
+        learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+        weight_decay=FLAGS.weight_decay, steps_per_epoch=FLAGS.steps_per_epoch, epochs=FLAGS.epochs,
+        mixed_precision=FLAGS.mixed_precision, grad_accum_steps=FLAGS.grad_accum_steps,
+        jit_compile=FLAGS.jit_compile, model_dir=FLAGS.model_dir,
+        backup_every_steps=FLAGS.backup_every_steps, metrics_json=FLAGS.metrics_json,
+        seed=FLAGS.seed, verbose=FLAGS.verbose)
+
+
+def fail(message: str) -> None:
+    """Prints one line to stderr and exits with status 2."""
+    print(f"tfpar: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_flags_one_line(argv):
+    """absl flag parsing whose errors are one line and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).splitlines()[0])
+
+
+def quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}. Flags take the form --name=value.")
+    quiet_tensorflow()
+    try:
+        run = config_from_flags()
+    except ValueError as e:
+        fail(str(e))
+    from tfpar import devices  # pylint: disable=import-outside-toplevel
+    from tfpar import driver  # pylint: disable=import-outside-toplevel
+    try:
+        devices.configure_virtual_devices(run.parallel.num_virtual_devices)
+        metrics = driver.train(run)
+    except (ValueError, FloatingPointError) as e:
+        fail(str(e))
+    print(f"tfpar: final loss {metrics['final_loss']:.4f} (first {metrics['step_losses'][0]:.4f}); "
+          f"{metrics['tokens_per_second']:,.0f} tokens/s; {metrics['wall_seconds']:.1f} s", flush=True)
+
+
+def run_main():
+    """Console-script entry point."""
+    app.run(main, flags_parser=parse_flags_one_line)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,140 @@
+"""One optimizer step for `model.fit`: micro-batched accumulation, optional XLA.
+
+`TrainStep` is what tfpar's models call from `train_step`. It differs from
+Keras's own step in two ways that tf.distribute users need:
+
+* `grad_accum_steps=K` splits each replica's batch into K micro-batches and
+  sums their gradients before one `apply_gradients`, so the step equals one
+  step on the whole batch. It never calls the optimizer inside a condition,
+  which is what makes Keras's `gradient_accumulation_steps` raise under
+  MirroredStrategy (keras-team/keras#17429).
+* `jit_compile=True` compiles only the gradient computation, as a pure
+  function of the variables' values (`Layer.stateless_call`); the variables
+  are read and updated outside XLA. Keras compiles the whole replicated step,
+  which fails on virtual CPUs with "tf.Variable on a different device".
+"""
+
+from typing import Any, List, Tuple
+
+import keras
+import tensorflow as tf
+
+
+def num_replicas() -> int:
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def split_microbatches(tree: Any, k: int) -> List[Any]:
+    """Splits every tensor of `tree` into k equal parts along the batch axis."""
+    if k == 1:
+        return [tree]
+    return [tf.nest.map_structure(lambda t, i=i: tf.split(t, k, axis=0)[i], tree)
+            for i in range(k)]
+
+
+def loss_scale(optimizer) -> tf.Tensor:
+    """The optimizer's loss-scale factor (1 unless it is a LossScaleOptimizer)."""
+    return tf.convert_to_tensor(optimizer.scale_loss(tf.constant(1.0)), tf.float32)
+
+
+def dense(grad):
+    """Embedding gradients arrive as IndexedSlices; Keras's optimizers update
+    those rows lazily (Adam moments of absent rows are not decayed), which is
+    not the dense Adam step, and sparse all-reduce orders sums differently.
+    Dense gradients give the same update under every strategy."""
+    return tf.convert_to_tensor(grad) if grad is not None else None
+
+
+class TrainStep:
+    """Computes and applies one optimizer step; returns the replica's mean loss."""
+
+    def __init__(self, *, grad_accum_steps: int = 1, jit_compile: bool = False):
+        self.grad_accum_steps = grad_accum_steps
+        self.jit_compile = jit_compile
+        self._compiled = {}
+
+    def __repr__(self):
+        return (f"TrainStep(grad_accum_steps={self.grad_accum_steps}, "
+                f"jit_compile={self.jit_compile})")
+
+    def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
+        variables = model.trainable_variables
+        scale = loss_scale(model.optimizer)
+        if self.jit_compile:
+            grad_fn = self._compiled.get(id(model))
+            if grad_fn is None:
+                grad_fn = tf.function(self._stateless_grads(model), jit_compile=True)
+                self._compiled[id(model)] = grad_fn
+            non_trainable = model.non_trainable_variables
+            loss, grads, new_values = grad_fn(
+                [v.value for v in variables], [v.value for v in non_trainable], x, y, scale)
+            for var, value in zip(non_trainable, new_values):
+                var.assign(value)
+        else:
+            loss, grads = self._accumulate(
+                lambda mx, my: self._stateful_grads(model, mx, my, scale), x, y)
+        model.optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    def _accumulate(self, micro_fn, x, y) -> Tuple[tf.Tensor, list]:
+        """Sums micro_fn's (loss, grads) over micro-batches, one after another."""
+        k = self.grad_accum_steps
+        total_loss, total_grads = None, None
+        for mx, my in zip(split_microbatches(x, k), split_microbatches(y, k)):
+            deps = [] if total_grads is None else [g for g in total_grads if g is not None]
+            with tf.control_dependencies(deps):  # bounds live activations to one micro-batch
+                loss, grads = micro_fn(mx, my)
+            grads = [dense(g) for g in grads]
+            if total_grads is None:
+                total_loss, total_grads = loss, grads
+            else:
+                total_loss = total_loss + loss
+                total_grads = [None if a is None else a + g for a, g in zip(total_grads, grads)]
+        if k > 1:
+            total_loss = total_loss / k
+            total_grads = [None if g is None else g / k for g in total_grads]
+        return total_loss, total_grads
+
+    @staticmethod
+    def _stateful_grads(model, x, y, scale):
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+            scaled = tf.cast(loss, tf.float32) * scale
+        grads = tape.gradient(scaled, model.trainable_variables)
+        return tf.cast(loss, tf.float32) * num_replicas(), grads
+
+    def _stateless_grads(self, model):
+        def grad_fn(trainable, non_trainable, x, y, scale):
+            state = {"non_trainable": list(non_trainable)}
+
+            def micro(mx, my):
+                with tf.GradientTape() as tape:
+                    tape.watch(trainable)
+                    y_pred, state["non_trainable"] = model.stateless_call(
+                        trainable, state["non_trainable"], mx, training=True)
+                    loss = model.compute_loss(x=mx, y=my, y_pred=y_pred, training=True)
+                    scaled = tf.cast(loss, tf.float32) * scale
+                grads = [dense(g) for g in tape.gradient(scaled, trainable)]
+                return tf.cast(loss, tf.float32) * num_replicas(), grads
+
+            loss, grads = self._accumulate(micro, x, y)
+            return loss, grads, state["non_trainable"]
+        return grad_fn
+
+
+def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
+                    warmup_steps: int, weight_decay: float) -> keras.optimizers.Optimizer:
+    """AdamW (or SGD) with linear warmup then cosine decay to 10 % of the peak."""
+    warmup = min(warmup_steps, max(total_steps - 1, 0))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else learning_rate,
+        decay_steps=max(total_steps - warmup, 1), alpha=0.1,
+        warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=schedule)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule, weight_decay=weight_decay, beta_1=0.9, beta_2=0.95)
+    # Short names, which also match the tf.Variable names seen under tf.distribute.
+    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias", "embeddings"])
+    return optimizer
