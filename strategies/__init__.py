@@ -6,10 +6,14 @@ from tfpar import config as config_lib
 from tfpar.strategies.base import StrategyAdapter
 from tfpar.strategies.default import DefaultAdapter
 from tfpar.strategies.mirrored import MirroredAdapter
+from tfpar.strategies.multi_worker import MultiWorkerAdapter
+from tfpar.strategies.pipeline import PipelineAdapter
 
 _REGISTRY: Dict[str, Type[StrategyAdapter]] = {
     DefaultAdapter.name: DefaultAdapter,
     MirroredAdapter.name: MirroredAdapter,
+    MultiWorkerAdapter.name: MultiWorkerAdapter,
+    PipelineAdapter.name: PipelineAdapter,
 }
 
 

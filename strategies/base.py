@@ -77,6 +77,10 @@ class StrategyAdapter:
             model.train_step_fn = self.train_step(run)
         return model
 
+    def prepare_optimizer(self, model: keras.Model, run: config_lib.RunConfig) -> None:
+        """Hook run after `model.compile` inside `scope()` (e.g. to place optimizer slots)."""
+        del model, run
+
     def per_device_param_bytes(self, model: keras.Model) -> List[int]:
         """Bytes of trainable parameters held by each device."""
         total = sum(int(v.numpy().nbytes) for v in model.trainable_variables)

@@ -143,6 +143,15 @@ class ParallelConfig:
         positive("pipeline_stages", self.pipeline_stages)
         positive("num_microbatches", self.num_microbatches)
 
+    @property
+    def known_replicas(self) -> Optional[int]:
+        """Replicas implied by the flags alone (before TF starts), if they say."""
+        if self.strategy == "default":
+            return 1
+        if self.strategy == "mirrored":
+            return len(self.devices) or self.num_virtual_devices or None
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -178,6 +187,11 @@ class RunConfig:
             raise ValueError(
                 f"seq_len differs between data and model. Received: "
                 f"data.seq_len={self.data.seq_len}, model.seq_len={self.model.seq_len}.")
+        replicas = self.parallel.known_replicas
+        if replicas and self.data.global_batch_size % replicas:
+            raise ValueError(
+                f"--global_batch_size must be divisible by the number of replicas. "
+                f"Received: global_batch_size={self.data.global_batch_size}, replicas={replicas}.")
         micro = self.data.global_batch_size % self.grad_accum_steps
         if micro:
             raise ValueError(

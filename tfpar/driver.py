@@ -34,6 +34,7 @@ def build_model(run: config_lib.RunConfig, adapter) -> modeling.LanguageModel:
             run.optimizer, learning_rate=run.learning_rate, total_steps=run.total_steps,
             warmup_steps=run.warmup_steps, weight_decay=run.weight_decay)
         model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=False)
+        adapter.prepare_optimizer(model, run)
     return model
 
 
@@ -60,8 +61,17 @@ def _work_dir(run: config_lib.RunConfig, adapter) -> Optional[str]:
     return tempfile.mkdtemp(prefix="tfpar_worker_")
 
 
-def train(run: config_lib.RunConfig, adapter=None) -> Dict[str, Any]:
-    """Trains `run` under `adapter` (made from `run.parallel` if None); returns metrics.
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What `train` returns: the metrics JSON's content and the trained model."""
+    metrics: Dict[str, Any]
+    model: keras.Model
+
+
+def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainResult:
+    """Trains `run` under `adapter` (made from `run.parallel` if None).
+
+    `extra_callbacks` are added to `model.fit`'s callbacks.
 
     Raises:
       ValueError: for a configuration the adapter cannot run.
@@ -84,7 +94,7 @@ def train(run: config_lib.RunConfig, adapter=None) -> Dict[str, Any]:
             print(f"tfpar: {adapter!r}; {modeling.count_params(model):,} parameters", flush=True)
         start = time.perf_counter()
         model.fit(dataset, epochs=run.epochs, steps_per_epoch=run.steps_per_epoch,
-                  callbacks=[recorder, *fit_callbacks(run, adapter, work_dir)],
+                  callbacks=[recorder, *extra_callbacks, *fit_callbacks(run, adapter, work_dir)],
                   verbose=run.verbose)
         wall = time.perf_counter() - start
         if recorder.non_finite_step is not None:
@@ -96,7 +106,7 @@ def train(run: config_lib.RunConfig, adapter=None) -> Dict[str, Any]:
         metrics = collect_metrics(run, adapter, model, recorder, wall)
         if run.metrics_json and adapter.is_chief:
             write_json(run.metrics_json, metrics)
-        return metrics
+        return TrainResult(metrics=metrics, model=model)
     finally:
         keras.mixed_precision.set_global_policy("float32")
         if work_dir and not adapter.is_chief:

@@ -7,11 +7,15 @@
 Bad input exits with status 2 and one line on stderr, before TensorFlow starts.
 """
 
+import contextlib
 import os
 import sys
+import tempfile
+import warnings
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from tfpar import config as config_lib
 
@@ -101,23 +105,57 @@ def parse_flags_one_line(argv):
         fail(str(e).splitlines()[0])
 
 
+@contextlib.contextmanager
+def _stderr_to_file():
+    """Sends file descriptor 2 to a temporary file; replays it if the body raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            tmp.seek(0)
+            sys.stderr.write(tmp.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def quiet_tensorflow() -> None:
+    """Starts TensorFlow without its start-up chatter unless TF_CPP_MIN_LOG_LEVEL < 2.
+
+    On a machine without CUDA, TF's C++ side prints CUDA probing lines before
+    it reads TF_CPP_MIN_LOG_LEVEL; they are kept out of stderr here so that an
+    error stays one line. absl's Python INFO logs (e.g. "Using
+    MirroredStrategy") are lowered to warnings.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.set_verbosity(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*shuffle=True.*was passed.*")
+    if int(os.environ["TF_CPP_MIN_LOG_LEVEL"] or 0) < 2:
+        return
+    with _stderr_to_file():
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        tf.config.list_physical_devices()
 
 
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}. Flags take the form --name=value.")
-    quiet_tensorflow()
     try:
         run = config_from_flags()
     except ValueError as e:
         fail(str(e))
+    quiet_tensorflow()
     from tfpar import devices  # pylint: disable=import-outside-toplevel
     from tfpar import driver  # pylint: disable=import-outside-toplevel
     try:
-        devices.configure_virtual_devices(run.parallel.num_virtual_devices)
-        metrics = driver.train(run)
+        if run.parallel.strategy != "multi_worker":  # its strategy must start TF itself
+            devices.configure_virtual_devices(run.parallel.num_virtual_devices)
+        metrics = driver.train(run).metrics
     except (ValueError, FloatingPointError) as e:
         fail(str(e))
     print(f"tfpar: final loss {metrics['final_loss']:.4f} (first {metrics['step_losses'][0]:.4f}); "

@@ -1,0 +1,114 @@
+"""`multi_worker`: synchronous data parallelism over processes (TF_CONFIG or Slurm).
+
+Each process is one worker; its devices are its replicas (one per process on
+CPU). The strategy must be created before anything else starts the TensorFlow
+runtime, with TF_CONFIG already set: `tfpar-launch` does both.
+"""
+
+import logging
+from typing import Optional
+
+import tensorflow as tf
+
+from tfpar import cluster as cluster_lib
+from tfpar import config as config_lib
+from tfpar.strategies import base
+
+
+def communication_options(name: str) -> tf.distribute.experimental.CommunicationOptions:
+    """CommunicationOptions for a name of config.COMMUNICATIONS."""
+    config_lib.choice("communication", name, config_lib.COMMUNICATIONS)
+    implementation = {
+        "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+        "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+        "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+    }[name]
+    return tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+
+
+def _rank(value) -> Optional[int]:
+    if isinstance(value, tf.distribute.DistributedValues):
+        value = value.values[0]
+    shape = getattr(value, "shape", None)
+    return shape.rank if shape is not None else None
+
+
+class KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy whose `reduce` accepts what Keras 3's trainer passes.
+
+    Keras 3's TensorFlow trainer calls `reduce` in two ways the collective
+    strategy rejects (keras-team/keras#20585, tensorflow/tensorflow#72388):
+
+    * `reduce("MEAN", (x, y), axis=None)` on a nest of per-replica values
+      (`TensorFlowTrainer._maybe_symbolic_build`): each leaf is reduced.
+    * `reduce("MEAN", scalar, axis=0)` on per-replica scalars (metrics, in
+      `reduce_per_replica`): a scalar has no batch axis, so it is reduced
+      across replicas only (`axis=None`), which is what MirroredStrategy's
+      path in Keras computes.
+
+    Everything else goes to MultiWorkerMirroredStrategy unchanged.
+    """
+
+    def reduce(self, reduce_op, value, axis=None):
+        if not isinstance(value, tf.distribute.DistributedValues) and tf.nest.is_nested(value):
+            return tf.nest.map_structure(lambda v: self.reduce(reduce_op, v, axis), value)
+        if axis is not None and _rank(value) == 0:
+            axis = None
+        return super().reduce(reduce_op, value, axis)
+
+
+class MultiWorkerAdapter(base.StrategyAdapter):
+    """MultiWorkerMirroredStrategy for the cluster in TF_CONFIG (or Slurm).
+
+    Without TF_CONFIG or Slurm the process trains as a single worker.
+
+    Raises (from the constructor):
+      ValueError: for an invalid TF_CONFIG or communication name.
+    """
+
+    name = "multi_worker"
+
+    def __init__(self, *, communication: str = "auto"):
+        super().__init__()
+        self.communication = communication
+        options = communication_options(communication)
+        resolver = cluster_lib.cluster_resolver()
+        self.cluster = cluster_lib.spec_from_resolver(resolver) if resolver else None
+        if self.cluster is None:
+            logging.warning("multi_worker: no TF_CONFIG and no Slurm job; training as one "
+                            "local worker.")
+        elif self.cluster.task_type not in cluster_lib.TRAINING_TASK_TYPES:
+            raise ValueError(
+                f"multi_worker trains only in chief and worker tasks. Received: task type "
+                f"{self.cluster.task_type!r}; accepted: "
+                f"{', '.join(cluster_lib.TRAINING_TASK_TYPES)}.")
+        self.strategy = KerasMultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options)
+
+    @classmethod
+    def from_config(cls, parallel: config_lib.ParallelConfig) -> "MultiWorkerAdapter":
+        if parallel.num_virtual_devices > 1 or parallel.devices:
+            raise ValueError(
+                f"multi_worker uses one replica per worker process (its CPU, or its GPUs); "
+                f"it does not take virtual devices or a device list. Received: "
+                f"num_virtual_devices={parallel.num_virtual_devices}, "
+                f"devices={list(parallel.devices)}; accepted: --num_virtual_devices=0 or 1 "
+                f"and no --devices.")
+        return cls(communication=parallel.communication)
+
+    @property
+    def num_workers(self) -> int:
+        return self.cluster.num_workers if self.cluster else 1
+
+    @property
+    def is_chief(self) -> bool:
+        """The chief task, or worker 0 when the cluster has no chief."""
+        return self.cluster.is_chief if self.cluster else True
+
+    def describe(self) -> str:
+        task = f"{self.cluster.task_type}:{self.cluster.task_index}" if self.cluster else "local"
+        return (f"{super().describe()}, workers={self.num_workers}, task={task}, "
+                f"chief={self.is_chief}, communication={self.communication}")
+
+    def plan(self):
+        return {**super().plan(), "num_workers": self.num_workers, "is_chief": self.is_chief}

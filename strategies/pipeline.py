@@ -1,0 +1,325 @@
+"""`pipeline`: the model's stack cut into K stages on K devices, with micro-batches.
+
+Each stage (consecutive entries of `model.stack`) keeps its variables on its
+own device. One optimizer step splits the batch into M micro-batches and runs,
+per stage and micro-batch, a forward pass under its own `tf.GradientTape` and
+later its backward pass (`tape.gradient` with the next stage's input gradients
+as `output_gradients`). The order of these events on each stage follows the
+schedule (`tfpar.pipeline_schedule`) and is enforced with control
+dependencies:
+
+* gpipe: all forwards, then all backwards (M micro-batches of activations alive);
+* 1f1b: K-s-1 warm-up forwards on stage s, then one forward / one backward
+  (at most K-s micro-batches alive on stage s).
+
+Gradients are summed over micro-batches of loss/M, so a step equals one step
+on the whole batch. With `remat`, a stage keeps only its input in the forward
+pass and recomputes its activations under the tape in the backward pass.
+"""
+
+from typing import Dict, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from tfpar import config as config_lib
+from tfpar import devices as devices_lib
+from tfpar import pipeline_schedule as schedule_lib
+from tfpar import training
+from tfpar.strategies import base
+
+
+def _float_leaves(state) -> List[tf.Tensor]:
+    """The differentiable tensors of a state (a tensor, tuple or dict)."""
+    return [t for t in tf.nest.flatten(state) if t.dtype.is_floating]
+
+
+def move_variable(variable, device: str) -> None:
+    """Re-creates a Keras variable's tf.Variable on `device`, keeping its value."""
+    old = variable.value
+    with tf.init_scope(), tf.device(device):
+        variable._value = tf.Variable(  # pylint: disable=protected-access
+            old.read_value(), dtype=old.dtype, trainable=old.trainable, name=variable.name,
+            aggregation=old.aggregation, synchronization=old.synchronization)
+
+
+def _placed_like_reference(add_variable_from_reference):
+    def add(reference_variable, *args, **kwargs):
+        device = getattr(reference_variable, "value", reference_variable).device
+        with tf.device(device):
+            return add_variable_from_reference(reference_variable, *args, **kwargs)
+    return add
+
+
+class PipelineStep:
+    """One optimizer step as a pipeline over `stages` (lists of layers) on `devices`."""
+
+    def __init__(self, *, stages: Sequence[Sequence[keras.layers.Layer]], devices: Sequence[str],
+                 num_microbatches: int, schedule: str, remat: bool = False):
+        self.stages = [list(s) for s in stages]
+        self.devices = list(devices)
+        self.num_microbatches = num_microbatches
+        self.schedule = schedule
+        self.remat = remat
+        self.plans = schedule_lib.stage_events(schedule, len(self.stages), num_microbatches)
+        self.order = schedule_lib.build_order(self.plans)
+
+    def __repr__(self):
+        return (f"PipelineStep(stages={len(self.stages)}, num_microbatches={self.num_microbatches}, "
+                f"schedule={self.schedule!r}, remat={self.remat})")
+
+    def _forward(self, s: int, state):
+        for layer in self.stages[s]:
+            state = layer(state, training=True)
+        return state
+
+    def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
+        k, m = len(self.stages), self.num_microbatches
+        scale = training.loss_scale(model.optimizer)
+        xs, ys = training.split_microbatches(x, m), training.split_microbatches(y, m)
+        stage_vars = [[v for layer in stage for v in layer.trainable_variables] for stage in self.stages]
+        inputs: Dict = {}    # (s, mb) -> the stage's input state
+        tapes: Dict = {}     # (s, mb) -> (tape, flat float outputs or loss)
+        outputs: Dict = {}   # (s, mb) -> the stage's output state
+        in_grads: Dict = {}  # (s, mb) -> gradients w.r.t. the float leaves of inputs[(s, mb)]
+        grads: List[Optional[list]] = [None] * k
+        losses = []
+        last: List[list] = [[] for _ in range(k)]  # tensors of each stage's previous event
+
+        for s, (kind, mb) in self.order:
+            with tf.name_scope(f"pipeline/stage_{s}"), tf.device(self.devices[s]), \
+                    tf.control_dependencies(last[s]):
+                if kind == "F":
+                    last[s] = self._forward_event(model, s, mb, xs, ys, scale, inputs, tapes, outputs, losses)
+                else:
+                    last[s] = self._backward_event(s, mb, stage_vars, inputs, tapes, in_grads, grads)
+        flat_grads = {}
+        for s in range(k):
+            with tf.device(self.devices[s]):
+                for v, g in zip(stage_vars[s], grads[s]):
+                    flat_grads[id(v)] = g
+        variables = model.trainable_variables
+        model.optimizer.apply_gradients([(flat_grads[id(v)], v) for v in variables])
+        loss = tf.add_n(losses) / m
+        return loss * training.num_replicas()
+
+    def _forward_event(self, model, s, mb, xs, ys, scale, inputs, tapes, outputs, losses):
+        k, m = len(self.stages), self.num_microbatches
+        state = xs[mb] if s == 0 else outputs.pop((s - 1, mb))
+        inputs[(s, mb)] = state
+        if self.remat and s < k - 1:
+            out = self._forward(s, state)  # activations are recomputed in the backward pass
+            outputs[(s, mb)] = out
+            return _float_leaves(out)
+        with tf.GradientTape() as tape:
+            tape.watch(_float_leaves(state))
+            out = self._forward(s, state)
+            if s == k - 1:
+                loss = tf.cast(model.compute_loss(x=xs[mb], y=ys[mb], y_pred=out, training=True), tf.float32)
+                losses.append(loss)
+                target = [loss / m * scale]
+            else:
+                target = _float_leaves(out)
+        tapes[(s, mb)] = (tape, target)
+        if s < k - 1:
+            outputs[(s, mb)] = out
+        return list(target)
+
+    def _backward_event(self, s, mb, stage_vars, inputs, tapes, in_grads, grads):
+        k = len(self.stages)
+        state = inputs.pop((s, mb))
+        if (s, mb) in tapes:
+            tape, target = tapes.pop((s, mb))
+        else:  # remat: recompute this stage's activations under a tape
+            with tf.GradientTape() as tape:
+                tape.watch(_float_leaves(state))
+                target = _float_leaves(self._forward(s, state))
+        upstream = None if s == k - 1 else in_grads.pop((s + 1, mb))
+        if upstream is not None:  # drop outputs the later stages did not use
+            pairs = [(t, g) for t, g in zip(target, upstream) if g is not None]
+            target, upstream = [t for t, _ in pairs], [g for _, g in pairs]
+        sources = _float_leaves(state)
+        result = tape.gradient(target, sources + stage_vars[s], output_gradients=upstream,
+                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        in_grads[(s, mb)] = result[:len(sources)]
+        var_grads = [training.dense(g) for g in result[len(sources):]]
+        if grads[s] is None:
+            grads[s] = var_grads
+        else:
+            grads[s] = [a + g for a, g in zip(grads[s], var_grads)]
+        return [*in_grads[(s, mb)], *grads[s]]
+
+
+class PipelineAdapter(base.StrategyAdapter):
+    """K consecutive stages of `model.stack` on K devices, M micro-batches per step."""
+
+    name = "pipeline"
+
+    def __init__(self, *, num_stages: int = 2, num_microbatches: int = 1, schedule: str = "gpipe",
+                 stage_boundaries: Sequence[int] = (), remat: bool = False,
+                 devices: Sequence[str] = (), num_devices: int = 0):
+        """Raises: ValueError for a schedule, stage count or device set that cannot work."""
+        super().__init__()
+        config_lib.choice("pipeline_schedule", schedule, schedule_lib.SCHEDULES)
+        config_lib.positive("pipeline_stages", num_stages)
+        config_lib.positive("num_microbatches", num_microbatches)
+        self.num_stages, self.num_microbatches = num_stages, num_microbatches
+        self.schedule, self.remat = schedule, remat
+        self.requested_boundaries = tuple(stage_boundaries)
+        self.stage_devices = self._resolve_devices(devices, num_devices)
+        self.boundaries: Optional[tuple] = None
+        self.stage_layers: List[List[str]] = []
+        self.stage_params: List[int] = []
+        self.stage_bytes: List[int] = []
+
+    def _resolve_devices(self, requested: Sequence[str], count: int) -> List[str]:
+        """One device per stage: `requested`, or the first K of `count` (0: of all)."""
+        k = self.num_stages
+        chosen = devices_lib.select_devices(requested, count)  # validates names and count
+        if k > len(chosen):
+            raise ValueError(
+                f"--pipeline_stages must not exceed the devices. Received: pipeline_stages={k}, "
+                f"devices={len(chosen)}; accepted: 1..{len(chosen)} stages (or more devices "
+                f"through --num_virtual_devices).")
+        if (requested or count) and len(chosen) != k:
+            if len(chosen) % k == 0:
+                raise ValueError(
+                    f"--strategy=pipeline with data-parallel pipeline replicas (devices = "
+                    f"replicas x stages) is not available yet. Received: devices={len(chosen)}, "
+                    f"pipeline_stages={k}; accepted: devices={k}.")
+            raise ValueError(
+                f"--strategy=pipeline needs one device per stage. Received: devices={len(chosen)}, "
+                f"pipeline_stages={k}; accepted: devices={k}.")
+        return chosen[:k]
+
+    @classmethod
+    def from_config(cls, parallel: config_lib.ParallelConfig) -> "PipelineAdapter":
+        return cls(num_stages=parallel.pipeline_stages, num_microbatches=parallel.num_microbatches,
+                   schedule=parallel.pipeline_schedule, stage_boundaries=parallel.stage_boundaries,
+                   remat=parallel.remat, devices=parallel.devices,
+                   num_devices=parallel.num_virtual_devices)
+
+    @property
+    def devices(self) -> List[str]:
+        return list(self.stage_devices)
+
+    def validate(self, run: config_lib.RunConfig) -> None:
+        super().validate(run)
+        n = schedule_lib.stack_size(run.model.name, run.model.num_layers)
+        if self.num_stages > n:
+            raise ValueError(
+                f"--pipeline_stages must not exceed the model's stack entries. Received: "
+                f"pipeline_stages={self.num_stages}, stack entries={n} ({run.model.name}, "
+                f"num_layers={run.model.num_layers}); accepted: 1..{n}.")
+        if self.requested_boundaries:
+            schedule_lib.check_boundaries(self.requested_boundaries, self.num_stages, n)
+        per_replica = run.data.global_batch_size // self.num_replicas
+        if per_replica % self.num_microbatches:
+            raise ValueError(
+                f"--num_microbatches must divide the per-replica batch. Received: "
+                f"num_microbatches={self.num_microbatches}, per-replica batch={per_replica}; "
+                f"accepted: a divisor of {per_replica}.")
+        if run.grad_accum_steps != 1:
+            raise ValueError(
+                f"--grad_accum_steps does not combine with --strategy=pipeline (use "
+                f"--num_microbatches). Received: grad_accum_steps={run.grad_accum_steps}; accepted: 1.")
+        if run.jit_compile:
+            raise ValueError(
+                "--jit_compile is not supported with --strategy=pipeline (XLA cannot compile a "
+                "function whose variables live on several devices). Received: jit_compile=True; "
+                "accepted: False.")
+        if self.remat and run.model.dropout > 0:
+            raise ValueError(
+                f"--remat with --dropout > 0 is not supported by the pipeline (recomputed dropout "
+                f"masks would differ from the forward pass). Received: dropout={run.model.dropout}, "
+                f"remat=True; accepted: dropout=0 or remat=False.")
+
+    def prepare_model(self, model: keras.Model, run: config_lib.RunConfig) -> keras.Model:
+        """Cuts `model.stack` into stages, moves their variables and installs the step."""
+        stack = list(model.stack)
+        costs = [sum(int(v.numpy().size) for v in layer.trainable_variables) for layer in stack]
+        if self.requested_boundaries:
+            self.boundaries = schedule_lib.check_boundaries(
+                self.requested_boundaries, self.num_stages, len(stack))
+        else:
+            self.boundaries = schedule_lib.balanced_boundaries(costs, self.num_stages)
+        ranges = schedule_lib.stage_ranges(self.boundaries, len(stack))
+        stages = [[stack[i] for i in r] for r in ranges]
+        staged = {id(v) for stage in stages for layer in stage for v in layer.trainable_variables}
+        missing = [v.path for v in model.trainable_variables if id(v) not in staged]
+        if missing:
+            raise ValueError(
+                f"--strategy=pipeline needs every trainable variable inside model.stack. "
+                f"Received: variables outside the stack: {missing[:3]}; accepted: models whose "
+                f"layers are all in model.stack.")
+        for stage, device in zip(stages, self.stage_devices):
+            for layer in stage:
+                for variable in layer.variables:
+                    move_variable(variable, device)
+        self.stage_layers = [[layer.name for layer in stage] for stage in stages]
+        self.stage_params = [sum(costs[i] for i in r) for r in ranges]
+        self.stage_bytes = [sum(int(v.numpy().nbytes) for layer in stage for v in layer.trainable_variables)
+                            for stage in stages]
+        model.train_step_fn = PipelineStep(
+            stages=stages, devices=self.stage_devices, num_microbatches=self.num_microbatches,
+            schedule=self.schedule, remat=self.remat)
+        return model
+
+    def prepare_optimizer(self, model: keras.Model, run: config_lib.RunConfig) -> None:
+        """Builds the optimizer with each slot on its variable's device.
+
+        Keras asks the (default) strategy to colocate a slot with its variable,
+        which does nothing in eager mode, so every slot would land on the first
+        device; building here, under `tf.device` of each reference, places them.
+        """
+        del run
+        optimizer = model.optimizer
+        wrapped = [o for o in (optimizer, getattr(optimizer, "inner_optimizer", None)) if o is not None]
+        for opt in wrapped:
+            opt.add_variable_from_reference = _placed_like_reference(opt.add_variable_from_reference)
+        try:
+            optimizer.build(model.trainable_variables)
+        finally:
+            for opt in wrapped:
+                del opt.add_variable_from_reference  # the instance attribute set above
+
+    def per_device_param_bytes(self, model: keras.Model) -> List[int]:
+        return list(self.stage_bytes)
+
+    def schedule_estimate(self) -> Dict[str, float]:
+        plans = schedule_lib.stage_events(self.schedule, self.num_stages, self.num_microbatches)
+        return schedule_lib.simulate(plans)
+
+    def extra_metrics(self) -> Dict[str, object]:
+        estimate = self.schedule_estimate()
+        return {
+            # Not measured: the idle share of the schedule on an ideal clock (equal
+            # stages, backward = 2 x forward); see BUILD_NOTES.md.
+            "bubble_fraction": estimate["bubble_fraction"],
+            "bubble_fraction_source": "schedule estimate (equal stages, B=2F), not measured",
+            "bubble_fraction_gpipe_bound": schedule_lib.gpipe_bubble_bound(
+                self.num_stages, self.num_microbatches),
+            "pipeline_stages": self.num_stages,
+            "num_microbatches": self.num_microbatches,
+            "pipeline_schedule": self.schedule,
+            "peak_alive_microbatches": estimate["peak_alive_microbatches"],
+            "stage_boundaries": list(self.boundaries or ()),
+            "stage_layers": self.stage_layers,
+            "stage_params": self.stage_params,
+        }
+
+    def describe(self) -> str:
+        text = (f"stages={self.num_stages}, microbatches={self.num_microbatches}, "
+                f"schedule={self.schedule}, remat={self.remat}, devices={self.devices}")
+        if self.stage_layers:
+            parts = [f"{d}: {', '.join(names)} ({p:,} params)"
+                     for d, names, p in zip(self.devices, self.stage_layers, self.stage_params)]
+            text += "; " + "; ".join(parts)
+        return text
+
+    def plan(self) -> Dict[str, object]:
+        plan = super().plan()
+        plan.update(schedule=self.schedule, num_microbatches=self.num_microbatches, remat=self.remat,
+                    stages=[{"device": d, "layers": names, "params": p}
+                            for d, names, p in zip(self.devices, self.stage_layers, self.stage_params)])
+        return plan

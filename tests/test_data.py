@@ -1,0 +1,78 @@
+"""Data: the builtin corpus through TFDS, determinism, disjoint shards, sources."""
+
+import os
+
+import tensorflow_datasets as tfds
+
+from tests.testbase import TestCase, absltest, np, tf, tiny_run
+from tfpar import config as config_lib
+from tfpar import data as data_lib
+
+
+def first_batches(run, n, context=None):
+    dataset = data_lib.make_dataset_fn(run)(context)
+    return [tf.nest.map_structure(lambda t: t.numpy(), b) for b in dataset.take(n)]
+
+
+class DataTest(TestCase):
+
+    def run_config(self, **data_changes):
+        run = tiny_run("default")
+        fields = {**run.data.__dict__, "data_dir": self.data_dir, **data_changes}
+        return run.replace(data=config_lib.DataConfig(**fields))
+
+    def test_builtin_corpus_is_bytes_of_the_python_docs(self):
+        x, y = first_batches(self.run_config(), 1)[0]
+        self.assertEqual(x.shape, (8, 32))
+        np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+        self.assertTrue(((x >= 0) & (x < 256)).all())
+        text = bytes(x[0].tolist()).decode("utf-8", errors="replace")
+        self.assertGreater(sum(c.isalpha() or c.isspace() for c in text), 20)
+
+    def test_same_seed_same_batches_other_seed_other_batches(self):
+        a = first_batches(self.run_config(seed=3), 3)
+        b = first_batches(self.run_config(seed=3), 3)
+        c = first_batches(self.run_config(seed=4), 3)
+        for (xa, _), (xb, _) in zip(a, b):
+            np.testing.assert_array_equal(xa, xb)
+        self.assertFalse(np.array_equal(a[0][0], c[0][0]))
+
+    def test_input_pipelines_get_disjoint_examples_covering_the_global_batch(self):
+        run = self.run_config()
+        whole = first_batches(run, 4)
+        shards = [first_batches(run, 4, tf.distribute.InputContext(2, i, 2)) for i in range(2)]
+        for step in range(4):
+            worker_rows = [set(map(tuple, shards[i][step][0].tolist())) for i in range(2)]
+            self.assertLen(shards[0][step][0], 4)
+            self.assertEmpty(worker_rows[0] & worker_rows[1])
+            self.assertEqual(worker_rows[0] | worker_rows[1], set(map(tuple, whole[step][0].tolist())))
+
+    def test_text_file_source(self):
+        path = os.path.join(self.create_tempdir().full_path, "corpus.txt")
+        with open(path, "w") as f:
+            f.write("abcdefgh" * 500)
+        x, _ = first_batches(self.run_config(dataset=f"text:{path}"), 1)[0]
+        self.assertTrue(set(np.unique(x)) <= set(b"abcdefgh"))
+
+    def test_tfds_source_with_mock_data(self):
+        with tfds.testing.mock_data(num_examples=64):
+            x, _ = first_batches(self.run_config(dataset="tfds:imdb_reviews"), 1)[0]
+        self.assertEqual(x.shape, (8, 32))
+
+    def test_unknown_tfds_name_is_a_value_error(self):
+        with self.assertRaisesRegex(ValueError, "unknown TFDS dataset.*no_such_dataset"):
+            first_batches(self.run_config(dataset="tfds:no_such_dataset"), 1)
+
+    def test_seq2seq_examples_mask_spans_and_shift_the_decoder(self):
+        run = tiny_run("default", model="seq2seq")
+        run = run.replace(data=config_lib.DataConfig(**{**run.data.__dict__, "data_dir": self.data_dir}))
+        x, y = first_batches(run, 1)[0]
+        masked = x["encoder_tokens"] == config_lib.MASK_ID
+        self.assertGreater(masked.mean(), 0.05)
+        np.testing.assert_array_equal(x["encoder_tokens"][~masked], y[~masked])
+        np.testing.assert_array_equal(x["decoder_tokens"][:, 0], config_lib.BOS_ID)
+        np.testing.assert_array_equal(x["decoder_tokens"][:, 1:], y[:, :-1])
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,278 @@
+"""Multi-worker data parallelism: TF_CONFIG validation, launcher, equivalence, fail-fast.
+
+Worker processes run as subprocesses on 127.0.0.1; this module itself never
+imports TensorFlow. The subprocess tests take about two minutes on 2 cores.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import psutil
+
+from tfpar import cluster
+from tfpar import launch
+
+TINY = ("--model_size=tiny", "--global_batch_size=8", "--steps_per_epoch=4", "--epochs=1",
+        "--verbose=0")
+TIMEOUT = 300
+_W = '"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}'
+
+
+class TFConfigTest(parameterized.TestCase):
+    """Bad TF_CONFIG values raise a one-line ValueError; good ones parse."""
+
+    @parameterized.named_parameters(
+        ("malformed_json", '{"cluster": ', "malformed JSON"),
+        ("not_an_object", "[1, 2]", "must be a JSON object"),
+        ("missing_cluster", '{"task": {"type": "worker", "index": 0}}', "missing 'cluster'"),
+        ("empty_cluster", '{"cluster": {}, "task": {"type": "worker", "index": 0}}', "non-empty"),
+        ("missing_task", "{" + _W + "}", "missing task type"),
+        ("missing_task_type", "{" + _W + ', "task": {"index": 0}}', "missing task type"),
+        ("unknown_task_type", "{" + _W + ', "task": {"type": "master", "index": 0}}',
+         "unknown task type"),
+        ("unknown_job", '{"cluster": {"master": ["a:1"]}, "task": {"type": "worker", "index": 0}}',
+         "unknown job name"),
+        ("task_type_not_in_cluster", "{" + _W + ', "task": {"type": "chief", "index": 0}}',
+         "has no job"),
+        ("index_out_of_range", "{" + _W + ', "task": {"type": "worker", "index": 2}}',
+         "out of range"),
+        ("index_negative", "{" + _W + ', "task": {"type": "worker", "index": -1}}', "out of range"),
+        ("index_string", "{" + _W + ', "task": {"type": "worker", "index": "0"}}', "not an integer"),
+        ("index_float", "{" + _W + ', "task": {"type": "worker", "index": 0.5}}', "not an integer"),
+        ("index_bool", "{" + _W + ', "task": {"type": "worker", "index": true}}', "not an integer"),
+        ("index_missing", "{" + _W + ', "task": {"type": "worker"}}', "not an integer"),
+        ("port_not_a_number", '{"cluster": {"worker": ["h:22a"]}, "task": {"type": "worker", "index": 0}}',
+         "numeric port"),
+        ("no_port", '{"cluster": {"worker": ["h"]}, "task": {"type": "worker", "index": 0}}',
+         "numeric port"),
+        ("addresses_not_a_list", '{"cluster": {"worker": "h:1"}, "task": {"type": "worker", "index": 0}}',
+         "non-empty list"),
+        ("two_chiefs", '{"cluster": {"chief": ["a:1", "b:2"]}, "task": {"type": "chief", "index": 0}}',
+         "at most one chief"),
+    )
+    def test_bad_tf_config_raises_one_line(self, text, expected):
+        with self.assertRaises(ValueError) as raised:
+            cluster.parse_tf_config(text)
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(expected, message)
+        self.assertIn("Received:", message)
+        self.assertIn("accepted:", message)
+
+    @parameterized.named_parameters(
+        ("worker0_without_chief", {"worker": ["a:1", "b:2"]}, "worker", 0, 2, True),
+        ("worker1_without_chief", {"worker": ["a:1", "b:2"]}, "worker", 1, 2, False),
+        ("chief", {"chief": ["c:1"], "worker": ["a:1", "b:2"]}, "chief", 0, 3, True),
+        ("worker0_with_chief", {"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0, 2, False),
+        ("evaluator", {"worker": ["a:1"], "evaluator": ["e:1"]}, "evaluator", 0, 1, False),
+    )
+    def test_good_tf_config(self, jobs, task_type, index, num_workers, is_chief):
+        spec = cluster.parse_tf_config(json.dumps(
+            {"cluster": jobs, "task": {"type": task_type, "index": index}}))
+        self.assertEqual((spec.task_type, spec.task_index), (task_type, index))
+        self.assertEqual(spec.num_workers, num_workers)
+        self.assertEqual(spec.is_chief, is_chief)
+
+    def test_tf_config_for_and_free_ports(self):
+        ports = cluster.free_loopback_ports(3)
+        self.assertLen(set(ports), 3)
+        hosts = [f"127.0.0.1:{p}" for p in ports]
+        spec = cluster.parse_tf_config(cluster.tf_config_for(hosts, 2))
+        self.assertEqual(spec.cluster, {"worker": tuple(hosts)})
+        self.assertEqual((spec.task_index, spec.num_workers, spec.is_chief), (2, 3, False))
+        with self.assertRaisesRegex(ValueError, "out of range"):
+            cluster.tf_config_for(hosts, 3)
+
+
+def _launch_cli(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "tfpar.launch", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class LauncherCliTest(parameterized.TestCase):
+    """Fast checks of tfpar-launch's flags (no worker is started)."""
+
+    def test_print_tf_config_one_per_host(self):
+        result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2223")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertLen(lines, 2)
+        for i, line in enumerate(lines):
+            text = line.split("'")[1]
+            self.assertEqual(cluster.parse_tf_config(text).task_index, i)
+
+    def test_kubernetes_manifest(self):
+        result = _launch_cli("--print_tf_config", "--kubernetes", "--hosts=a:1,b:2", "--",
+                             "--model_size=tiny")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("kind: TFJob", result.stdout)
+        self.assertIn("replicas: 2", result.stdout)
+        self.assertIn('"--strategy=multi_worker"', result.stdout)
+
+    @parameterized.named_parameters(
+        ("bad_port", ("--print_tf_config", "--hosts=h1:x")),
+        ("unknown_flag", ("--bogus",)),
+        ("zero_workers", ("--num_workers=0",)),
+        ("other_strategy", ("--", "--strategy=mirrored")),
+    )
+    def test_bad_input_exits_2_with_one_line(self, args):
+        result = _launch_cli(*args)
+        self.assertEqual(result.returncode, 2)
+        self.assertLen(result.stderr.strip().splitlines(), 1, result.stderr)
+
+
+class MultiWorkerProcessTest(absltest.TestCase):
+    """2 workers on loopback: same losses as mirrored, user models, fail-fast."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # Workers that prepare the same TFDS directory at once race (see
+        # BUILD_NOTES.md); prepare it once before any worker starts.
+        cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "tfds")
+        code = ("from tfpar import config, data; "
+                f"data.text_dataset(config.DataConfig(data_dir={cls.data_dir!r}))")
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                       timeout=TIMEOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+    def setUp(self):
+        super().setUp()
+        self.tmp = self.create_tempdir().full_path
+        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self.procs = []
+
+    def tearDown(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+        super().tearDown()
+
+    def data_flag(self):
+        return f"--data_dir={self.data_dir}"
+
+    def test_two_workers_equal_mirrored_over_two_devices(self):
+        flags = [*TINY, self.data_flag()]
+        reference_json = os.path.join(self.tmp, "mirrored.json")
+        result = subprocess.run(
+            [sys.executable, "-m", "tfpar.train", "--strategy=mirrored", "--num_virtual_devices=2",
+             *flags, f"--metrics_json={reference_json}"],
+            capture_output=True, text=True, timeout=TIMEOUT, env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        workers_json = os.path.join(self.tmp, "multi_worker.json")
+        result = subprocess.run(
+            [sys.executable, "-m", "tfpar.launch", "--num_workers=2", "--", *flags,
+             f"--metrics_json={workers_json}"],
+            capture_output=True, text=True, timeout=TIMEOUT, env=self.env)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        for i in range(2):
+            self.assertIn(f"[worker {i}] tfpar: final loss", result.stdout)
+        with open(reference_json) as f:
+            reference = json.load(f)
+        with open(workers_json) as f:
+            workers = json.load(f)
+        self.assertEqual((workers["strategy"], workers["num_replicas"]), ("multi_worker", 2))
+        self.assertLen(workers["step_losses"], 4)
+        np.testing.assert_allclose(workers["step_losses"], reference["step_losses"], rtol=1e-4)
+
+    def test_user_functional_model_fits_under_two_workers(self):
+        script = os.path.join(self.tmp, "user_worker.py")
+        with open(script, "w") as f:
+            f.write(textwrap.dedent("""
+                import json
+                import tfpar  # sets KERAS_BACKEND
+                import keras
+                import numpy as np
+                from tfpar import strategies
+
+                adapter = strategies.get("multi_worker")  # before anything starts TF
+                keras.utils.set_random_seed(1)
+                x = np.random.default_rng(0).normal(size=(48, 8)).astype("float32")
+                y = (x @ np.arange(8, dtype="float32"))[:, None]
+                with adapter.scope():
+                    inputs = keras.Input((8,))
+                    hidden = keras.layers.Dense(16, activation="relu")(inputs)
+                    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+                    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse",
+                                  metrics=["mae"])
+                losses = []
+                record = keras.callbacks.LambdaCallback(
+                    on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"])))
+                model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[record])
+                print("RESULT " + json.dumps({"replicas": adapter.num_replicas,
+                                              "chief": adapter.is_chief, "losses": losses}))
+            """))
+        out = io.StringIO()
+        launcher = launch.local_launcher(2, [], commands=[[sys.executable, script]] * 2, out=out)
+        launcher.start()
+        status = launcher.wait(timeout=TIMEOUT)
+        self.assertEqual(status, 0, out.getvalue()[-3000:])
+        results = {}
+        for line in out.getvalue().splitlines():
+            if " RESULT " in line:
+                worker = int(line.split("]")[0].split()[-1])
+                results[worker] = json.loads(line.split(" RESULT ", 1)[1])
+        self.assertEqual(sorted(results), [0, 1], out.getvalue()[-3000:])
+        self.assertEqual([results[0]["chief"], results[1]["chief"]], [True, False])
+        self.assertEqual(results[0]["replicas"], 2)
+        self.assertLen(results[0]["losses"], 3)
+        np.testing.assert_allclose(results[1]["losses"], results[0]["losses"], rtol=1e-6)
+        # The same script without TF_CONFIG trains as one local worker, same global batches.
+        env = {k: v for k, v in self.env.items() if k != "TF_CONFIG"}
+        single = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                                timeout=TIMEOUT, env=env)
+        self.assertEqual(single.returncode, 0, single.stderr[-3000:])
+        reference = json.loads(single.stdout.split("RESULT ", 1)[1])
+        self.assertEqual(reference["replicas"], 1)
+        np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5)
+
+    def test_killed_worker_stops_launcher_and_leaves_no_process(self):
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "tfpar.launch", "--num_workers=2", "--grace_seconds=2", "--",
+             "--model_size=tiny", "--global_batch_size=8", "--steps_per_epoch=100000",
+             "--epochs=1", "--verbose=1", self.data_flag()],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
+            start_new_session=True)
+        self.procs.append(launcher)
+        started = threading.Event()
+        lines = []
+
+        def read():
+            for line in launcher.stdout:
+                lines.append(line)
+                if "[worker 1] tfpar: " in line:  # model built: workers are in collectives
+                    started.set()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        self.assertTrue(started.wait(TIMEOUT), "".join(lines[-30:]))
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if "tfpar.train" in " ".join(p.cmdline())]
+        self.assertLen(workers, 2)
+        victim = workers[1]
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        status = launcher.wait(timeout=60)
+        self.assertLess(time.monotonic() - killed_at, 60)
+        self.assertNotEqual(status, 0)
+        reader.join(timeout=10)
+        self.assertIn("worker 1 exited with status 137; stopping the others", "".join(lines))
+        gone, alive = psutil.wait_procs(workers, timeout=5)
+        self.assertEmpty(alive)
+        del gone
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,176 @@
+"""Pipeline parallelism: stages on their devices, per-step losses equal to `default`."""
+
+from tests.testbase import TestCase, absltest, np, parameterized, tf, tiny_run
+from tfpar import config as config_lib
+from tfpar import driver
+from tfpar import pipeline_schedule as schedule_lib
+from tfpar import strategies
+
+
+def pipeline_run(stages, microbatches, schedule="gpipe", **kwargs):
+    parallel = dict(pipeline_stages=stages, num_microbatches=microbatches, pipeline_schedule=schedule)
+    parallel.update(kwargs.pop("parallel", {}))
+    return tiny_run("pipeline", parallel=parallel, **kwargs)
+
+
+def _placed_by_resource(op) -> bool:
+    """Ops with no device of their own that the placer puts with a variable:
+    its handle and reads, and ops colocated with it (e.g. the shape of a gathered table)."""
+    if op.device:
+        return False
+    if op.type in ("Placeholder", "ReadVariableOp"):
+        return True
+    try:
+        return bool(op.get_attr("_class"))
+    except ValueError:
+        return False
+
+
+class ScheduleTest(parameterized.TestCase):
+    """Pure schedule logic: no TensorFlow."""
+
+    @parameterized.product(stages=[1, 2, 4], microbatches=[1, 2, 4, 8], schedule=["gpipe", "1f1b"])
+    def test_every_event_once_and_bubble_equals_bound(self, stages, microbatches, schedule):
+        plans = schedule_lib.stage_events(schedule, stages, microbatches)
+        order = schedule_lib.build_order(plans)
+        expected = {(s, (kind, m)) for s in range(stages) for kind in "FB" for m in range(microbatches)}
+        self.assertCountEqual(order, expected)
+        result = schedule_lib.simulate(plans)
+        self.assertAlmostEqual(result["bubble_fraction"],
+                               schedule_lib.gpipe_bubble_bound(stages, microbatches))
+        peak = stages if schedule == "1f1b" else microbatches
+        self.assertEqual(result["peak_alive_microbatches"], min(peak, microbatches))
+
+    def test_1f1b_order_of_first_stage(self):
+        first = schedule_lib.stage_events("1f1b", 2, 4)[0]
+        self.assertEqual(first, [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3),
+                                 ("B", 2), ("B", 3)])
+
+    def test_balanced_boundaries(self):
+        self.assertEqual(schedule_lib.balanced_boundaries([1, 1, 1, 1], 4), (1, 2, 3))
+        self.assertEqual(schedule_lib.balanced_boundaries([18, 50, 50, 17], 2), (2,))
+        self.assertEqual(schedule_lib.balanced_boundaries([10, 1, 1, 1, 1], 2), (1,))
+
+    @parameterized.named_parameters(("count", (1, 2), 2), ("order", (3, 2), 3),
+                                    ("zero", (0,), 2), ("end", (4,), 2))
+    def test_bad_boundaries(self, boundaries, stages):
+        with self.assertRaisesRegex(ValueError, "stage_boundaries"):
+            schedule_lib.check_boundaries(boundaries, stages, 4)
+
+
+class PipelineEquivalenceTest(TestCase):
+    """K stages with M micro-batches train to the losses and weights of `default`."""
+
+    _reference = {}
+
+    def reference(self, model="gpt"):
+        if model not in self._reference:
+            result = self.train(tiny_run("default", model=model))
+            weights = {v.path: v.numpy() for v in result.model.trainable_variables}
+            self._reference[model] = (result.metrics["step_losses"], weights)
+        return self._reference[model]
+
+    def assertSameTraining(self, result, model="gpt"):
+        losses, weights = self.reference(model)
+        self.assertLess(losses[-1], losses[0])
+        self.assertLossesClose(losses, result.metrics["step_losses"])
+        for v in result.model.trainable_variables:
+            np.testing.assert_allclose(v.numpy(), weights[v.path], rtol=1e-4, atol=1e-6, err_msg=v.path)
+
+    @parameterized.named_parameters(
+        ("k2_m1_gpipe", 2, 1, "gpipe"),
+        ("k2_m4_1f1b", 2, 4, "1f1b"),
+        ("k2_m8_gpipe", 2, 8, "gpipe"),
+        ("k4_m2_gpipe", 4, 2, "gpipe"),
+        ("k4_m8_1f1b", 4, 8, "1f1b"))
+    def test_pipeline_equals_default(self, stages, microbatches, schedule):
+        result = self.train(pipeline_run(stages, microbatches, schedule))
+        self.assertSameTraining(result)
+        metrics = result.metrics
+        self.assertEqual(metrics["pipeline_stages"], stages)
+        self.assertEqual(metrics["num_microbatches"], microbatches)
+        self.assertLen(metrics["devices"], stages)
+        self.assertLen(metrics["per_device_param_bytes"], stages)
+        self.assertEqual(sum(metrics["per_device_param_bytes"]), metrics["params"] * 4)
+        self.assertAlmostEqual(metrics["bubble_fraction"], (stages - 1) / (microbatches + stages - 1))
+
+    def test_remat_equals_default(self):
+        result = self.train(pipeline_run(2, 4, "1f1b", parallel=dict(remat=True)))
+        self.assertSameTraining(result)
+
+    def test_seq2seq_encoder_decoder_split_equals_default(self):
+        num_layers = config_lib.model_config("seq2seq", "tiny").num_layers
+        result = self.train(pipeline_run(2, 2, "1f1b", model="seq2seq",
+                                         parallel=dict(stage_boundaries=(1 + num_layers,))))
+        self.assertEqual(result.model.encoder_stack_size, 1 + num_layers)
+        self.assertEqual(result.metrics["stage_layers"],
+                         [["embed", "encoder_0", "encoder_1"], ["decoder_0", "decoder_1", "head"]])
+        self.assertSameTraining(result, "seq2seq")
+
+
+class PipelinePlacementTest(TestCase):
+
+    def test_stage_variables_and_ops_on_stage_devices(self):
+        run = pipeline_run(4, 2, "1f1b")
+        adapter = strategies.from_config(run.parallel)
+        adapter.validate(run)
+        model = driver.build_model(run, adapter)
+        devices = adapter.devices
+        self.assertLen(devices, 4)
+        for stage, (device, names) in enumerate(zip(devices, adapter.stage_layers)):
+            layers = [layer for layer in model.stack if layer.name in names]
+            for v in [v for layer in layers for v in layer.variables]:
+                self.assertTrue(v.value.device.endswith(device.split("/")[-1]), (stage, v.path, v.value.device))
+        for v in model.optimizer.variables:  # slots follow their variables
+            owner = [layer for layer in model.stack
+                     if f"{model.name}_{layer.name}_" in v.path.replace("/", "_")]
+            if owner:
+                stage = next(i for i, names in enumerate(adapter.stage_layers) if owner[0].name in names)
+                self.assertTrue(v.value.device.endswith(devices[stage].split("/")[-1]), v.path)
+
+        x = tf.zeros((8, run.model.seq_len), tf.int32)
+        step = tf.function(lambda x, y: model.train_step_fn(model, x, y))
+        graph = step.get_concrete_function(x, x).graph
+        for stage, device in enumerate(devices):
+            ops = [op for op in graph.get_operations() if f"pipeline/stage_{stage}/" in op.name]
+            self.assertGreater(len(ops), 20)
+            wrong = [(op.name, op.device) for op in ops if not (
+                op.device.endswith(device.split("/")[-1]) or _placed_by_resource(op))]
+            self.assertEmpty(wrong, f"stage {stage} should run on {device}")
+        self.assertIn("embed", adapter.describe())
+        self.assertLen(adapter.plan()["stages"], 4)
+
+
+class PipelineValidationTest(TestCase):
+    """Each bad input is refused with a ValueError before training starts."""
+
+    @parameterized.named_parameters(
+        ("microbatches_not_dividing_batch", dict(stages=2, microbatches=3), "num_microbatches"),
+        ("more_stages_than_devices", dict(stages=8, microbatches=1), "more devices|must not exceed"),
+        ("more_stages_than_stack", dict(stages=4, microbatches=1, num_layers=1), "stack entries"),
+        ("boundaries_not_increasing", dict(stages=3, microbatches=1, parallel=dict(stage_boundaries=(3, 2))),
+         "stage_boundaries"),
+        ("boundary_out_of_range", dict(stages=2, microbatches=1, parallel=dict(stage_boundaries=(4,))),
+         "stage_boundaries"),
+        ("wrong_boundary_count", dict(stages=2, microbatches=1, parallel=dict(stage_boundaries=(1, 2))),
+         "stage_boundaries"),
+        ("replicated_pipelines", dict(stages=2, microbatches=1, devices_count=4), "not available yet"),
+        ("devices_not_multiple", dict(stages=2, microbatches=1, devices_count=3), "one device per stage"),
+        ("grad_accum", dict(stages=2, microbatches=1, grad_accum_steps=2), "grad_accum_steps"),
+        ("jit_compile", dict(stages=2, microbatches=1, jit_compile=True), "jit_compile"),
+        ("remat_with_dropout", dict(stages=2, microbatches=1, dropout=0.1, parallel=dict(remat=True)),
+         "remat"))
+    def test_bad_input_raises(self, spec, pattern):
+        spec = dict(spec)
+        num_layers, dropout = spec.pop("num_layers", None), spec.pop("dropout", 0.0)
+        run = pipeline_run(spec.pop("stages"), spec.pop("microbatches"), **spec)
+        if num_layers or dropout:
+            model = config_lib.ModelConfig(**{**run.model.__dict__, "num_layers": num_layers or
+                                              run.model.num_layers, "dropout": dropout})
+            run = run.replace(model=model)
+        with self.assertRaisesRegex(ValueError, pattern):
+            driver.train(run)
+
+
+if __name__ == "__main__":
+    absltest.main()

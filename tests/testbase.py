@@ -1,0 +1,84 @@
+"""Shared test base: virtual CPU devices, a fresh TF context per test, tiny runs.
+
+Logical devices can be configured only once per TF context, and collective
+state (group and instance keys) outlives a strategy inside one context, so
+each test starts from a reset context with NUM_DEVICES virtual CPUs, as TF's
+own DTensor tests do.
+"""
+
+import os
+import subprocess
+import sys
+from typing import List
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from absl.testing import absltest  # noqa: E402
+from absl.testing import parameterized  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.python.eager import context  # noqa: E402  # pylint: disable=g-direct-tensorflow-import
+
+from tfpar import config as config_lib  # noqa: E402
+from tfpar import devices  # noqa: E402
+
+NUM_DEVICES = 4
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reset_devices(num_devices: int = NUM_DEVICES) -> None:
+    """A fresh TF context split into `num_devices` virtual CPUs."""
+    context._reset_context()  # pylint: disable=protected-access
+    keras.backend.clear_session()
+    devices.configure_virtual_devices(num_devices)
+
+
+def tiny_run(strategy: str = "default", *, model: str = "gpt", steps: int = 5,
+             global_batch_size: int = 8, devices_count: int = 0, data_dir: str = None,
+             parallel: dict = None, **changes) -> config_lib.RunConfig:
+    """A RunConfig for a tiny model and a few steps, dropout 0, silent."""
+    model_cfg = config_lib.model_config(model, "tiny")
+    data = config_lib.DataConfig(seq_len=model_cfg.seq_len, global_batch_size=global_batch_size,
+                                 data_dir=data_dir)
+    parallel_cfg = config_lib.ParallelConfig(strategy=strategy, num_virtual_devices=devices_count,
+                                             **(parallel or {}))
+    defaults = dict(steps_per_epoch=steps, epochs=1, verbose=0, warmup_steps=2)
+    defaults.update(changes)
+    return config_lib.RunConfig(model=model_cfg, data=data, parallel=parallel_cfg, **defaults)
+
+
+class TestCase(parameterized.TestCase):
+    """Resets TF and Keras before each test; shares one TFDS data_dir per class."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "tfds")
+
+    def setUp(self):
+        super().setUp()
+        reset_devices()
+        keras.mixed_precision.set_global_policy("float32")
+
+    def train(self, run: config_lib.RunConfig):
+        from tfpar import driver  # pylint: disable=import-outside-toplevel
+        if run.data.data_dir is None:
+            run = run.replace(data=run.data.__class__(**{**run.data.__dict__, "data_dir": self.data_dir}))
+        return driver.train(run)
+
+    def assertLossesClose(self, expected: List[float], actual: List[float], rtol: float = 1e-4):
+        self.assertLen(actual, len(expected))
+        np.testing.assert_allclose(actual, expected, rtol=rtol)
+
+
+def run_cli(module: str, *args: str, timeout: float = 300, env: dict = None) -> subprocess.CompletedProcess:
+    """Runs `python -m module args` and returns the completed process."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO_ROOT)
+
+
+__all__ = ["absltest", "parameterized", "tf", "np", "keras", "TestCase", "tiny_run", "run_cli",
+           "reset_devices", "NUM_DEVICES"]
