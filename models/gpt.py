@@ -1,5 +1,6 @@
 """GPT: a causal decoder-only language model (nanoGPT-shaped)."""
 
+import keras
 from keras import ops
 
 from tfpar import config as config_lib
@@ -7,6 +8,7 @@ from tfpar import modeling
 from tfpar.models import layers
 
 
+@keras.saving.register_keras_serializable(package="tfpar")
 class GPT(modeling.LanguageModel):
     """tokens (batch, seq) -> logits (batch, seq, vocab).
 

@@ -89,7 +89,7 @@ class Embed(keras.layers.Layer):
 
     def call(self, tokens, training=False):
         positions = ops.arange(ops.shape(tokens)[1])
-        return self.dropout(self.token(tokens) + self.position(positions)[None], training=training)
+        return self.dropout(self.token(tokens) + ops.expand_dims(self.position(positions), 0), training=training)
 
 
 class Head(keras.layers.Layer):

@@ -61,6 +61,7 @@ class DecoderHead(keras.layers.Layer):
         return self.head(state[1], training=training)
 
 
+@keras.saving.register_keras_serializable(package="tfpar")
 class Seq2Seq(modeling.LanguageModel):
     """{encoder_tokens, decoder_tokens} (batch, seq) -> logits (batch, seq, vocab).
 

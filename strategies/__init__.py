@@ -5,6 +5,7 @@ from typing import Dict, Type
 from tfpar import config as config_lib
 from tfpar.strategies.base import StrategyAdapter
 from tfpar.strategies.default import DefaultAdapter
+from tfpar.strategies.dtensor import DTensorAdapter
 from tfpar.strategies.mirrored import MirroredAdapter
 from tfpar.strategies.multi_worker import MultiWorkerAdapter
 from tfpar.strategies.pipeline import PipelineAdapter
@@ -12,6 +13,7 @@ from tfpar.strategies.pipeline import PipelineAdapter
 _REGISTRY: Dict[str, Type[StrategyAdapter]] = {
     DefaultAdapter.name: DefaultAdapter,
     MirroredAdapter.name: MirroredAdapter,
+    DTensorAdapter.name: DTensorAdapter,
     MultiWorkerAdapter.name: MultiWorkerAdapter,
     PipelineAdapter.name: PipelineAdapter,
 }

@@ -253,25 +253,26 @@ class MultiWorkerProcessTest(absltest.TestCase):
         def read():
             for line in launcher.stdout:
                 lines.append(line)
-                if "[worker 1] tfpar: " in line:  # model built: workers are in collectives
+                if line.startswith("[worker 1] tfpar"):  # model built: workers are in collectives
                     started.set()
+            started.set()  # the launcher ended early
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         self.assertTrue(started.wait(TIMEOUT), "".join(lines[-30:]))
-        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-                   if "tfpar.train" in " ".join(p.cmdline())]
+        self.assertIsNone(launcher.poll(), "".join(lines[-30:]))
+        time.sleep(1)
+        descendants = psutil.Process(launcher.pid).children(recursive=True)
+        workers = [p for p in descendants if "tfpar.train" in " ".join(p.cmdline())]
         self.assertLen(workers, 2)
-        victim = workers[1]
-        victim.send_signal(signal.SIGKILL)
+        workers[1].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         status = launcher.wait(timeout=60)
         self.assertLess(time.monotonic() - killed_at, 60)
         self.assertNotEqual(status, 0)
         reader.join(timeout=10)
         self.assertIn("worker 1 exited with status 137; stopping the others", "".join(lines))
-        gone, alive = psutil.wait_procs(workers, timeout=5)
+        _, alive = psutil.wait_procs(descendants, timeout=5)
         self.assertEmpty(alive)
-        del gone
 
 
 if __name__ == "__main__":

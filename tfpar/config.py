@@ -171,7 +171,10 @@ class RunConfig:
     model_dir: Optional[str] = None
     backup_every_steps: int = 0
     metrics_json: Optional[str] = None
+    export_dir: Optional[str] = None
     seed: int = 0
+    deterministic: bool = False
+    plan_only: bool = False
     verbose: int = 1
 
     def __post_init__(self):

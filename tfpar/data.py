@@ -126,8 +126,11 @@ def denoising_example(seed: int, mask_rate: float = 0.15, span: int = 3):
     return fn
 
 
-def make_dataset_fn(run: config_lib.RunConfig) -> Callable:
-    """Returns `dataset_fn(input_context=None)` giving per-replica (x, y) batches."""
+def make_dataset_fn(run: config_lib.RunConfig, skip_steps: int = 0) -> Callable:
+    """Returns `dataset_fn(input_context=None)` giving per-replica (x, y) batches.
+
+    `skip_steps` global batches are skipped first (to resume a run exactly).
+    """
     data, model_name = run.data, run.model.name
     if model_name == "gpt":
         examples = token_windows(data, data.seq_len + 1).map(causal_example)
@@ -144,6 +147,8 @@ def make_dataset_fn(run: config_lib.RunConfig) -> Callable:
         passes = [examples.shuffle(data.shuffle_buffer, seed=data.seed * _SEED_STRIDE + p,
                                    reshuffle_each_iteration=False) for p in range(_PASSES)]
         ds = functools.reduce(lambda a, b: a.concatenate(b), passes).repeat()
+        if skip_steps:
+            ds = ds.skip(skip_steps * data.global_batch_size)
         if ctx.num_input_pipelines > 1:
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
         batch = ctx.get_per_replica_batch_size(data.global_batch_size)

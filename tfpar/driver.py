@@ -15,11 +15,15 @@ from typing import Any, Dict, List, Optional
 
 import keras
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
 from tfpar import callbacks as callbacks_lib
+from tfpar import checkpointing
 from tfpar import config as config_lib
 from tfpar import data as data_lib
+from tfpar import export as export_lib
 from tfpar import modeling
+from tfpar import plan as plan_lib
 from tfpar import training
 from tfpar import models
 from tfpar import strategies
@@ -38,13 +42,11 @@ def build_model(run: config_lib.RunConfig, adapter) -> modeling.LanguageModel:
     return model
 
 
-def fit_callbacks(run: config_lib.RunConfig, adapter, work_dir: Optional[str]) -> List[Any]:
-    """Checkpoints, backup and TensorBoard under `work_dir` (the chief's model_dir)."""
+def fit_callbacks(run: config_lib.RunConfig, work_dir: Optional[str]) -> List[Any]:
+    """Per-epoch weights and TensorBoard under `work_dir` (the chief's model_dir)."""
     if not work_dir:
         return []
-    backup_freq = run.backup_every_steps or "epoch"
     return [
-        keras.callbacks.BackupAndRestore(os.path.join(work_dir, "backup"), save_freq=backup_freq),
         keras.callbacks.ModelCheckpoint(
             os.path.join(work_dir, "checkpoints", "epoch_{epoch:03d}.weights.h5"),
             save_weights_only=True),
@@ -79,38 +81,74 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
     """
     adapter = adapter or strategies.from_config(run.parallel)
     adapter.validate(run)
+    determinism_was_on = tf_config.is_op_determinism_enabled()
+    if run.deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(run.seed)
     keras.mixed_precision.set_global_policy(run.mixed_precision)
     work_dir = _work_dir(run, adapter)
     try:
         model = build_model(run, adapter)
-        dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run))
+        if run.verbose or run.plan_only:
+            plan = plan_lib.make_plan(run, adapter, model)
+            print(plan_lib.format_plan(plan), flush=True)
+            if run.plan_only:
+                return TrainResult(metrics={"plan": plan}, model=model)
         recorder = callbacks_lib.StepRecorder(run.data.global_batch_size * model.tokens_per_example())
+        callbacks = [recorder, *extra_callbacks, *fit_callbacks(run, work_dir)]
+        start_step = 0
         if work_dir:
             os.makedirs(work_dir, exist_ok=True)
             with open(os.path.join(work_dir, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(run), f, indent=2)
-        if run.verbose:
-            print(f"tfpar: {adapter!r}; {modeling.count_params(model):,} parameters", flush=True)
+            backup = checkpointing.StepBackup(
+                os.path.join(work_dir, "backup"), model,
+                every_steps=run.backup_every_steps or run.steps_per_epoch)
+            start_step = backup.restore()
+            callbacks.append(backup)
+            if start_step and run.verbose:
+                print(f"tfpar: resuming from the backup at step {start_step}", flush=True)
         start = time.perf_counter()
-        model.fit(dataset, epochs=run.epochs, steps_per_epoch=run.steps_per_epoch,
-                  callbacks=[recorder, *extra_callbacks, *fit_callbacks(run, adapter, work_dir)],
-                  verbose=run.verbose)
+        _fit_from(run, adapter, model, start_step, callbacks)
         wall = time.perf_counter() - start
         if recorder.non_finite_step is not None:
             raise FloatingPointError(
-                f"loss became non-finite at step {recorder.non_finite_step}; training stopped "
-                f"and the last good checkpoint was kept.")
+                f"loss became non-finite at step {start_step + recorder.non_finite_step}; "
+                "training stopped and the last good checkpoint was kept.")
         if work_dir:
             model.save_weights(os.path.join(work_dir, "final.weights.h5"))
+        if run.export_dir and adapter.is_chief:
+            export_lib.export(model, run.export_dir)
         metrics = collect_metrics(run, adapter, model, recorder, wall)
+        metrics["resumed_from_step"] = start_step
         if run.metrics_json and adapter.is_chief:
             write_json(run.metrics_json, metrics)
         return TrainResult(metrics=metrics, model=model)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+        if run.deterministic and not determinism_was_on:
+            tf_config.disable_op_determinism()  # no public API; train() must leave the process as found
         if work_dir and not adapter.is_chief:
             shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _fit_from(run, adapter, model, start_step: int, callbacks) -> None:
+    """Runs `fit` for the steps after `start_step`, on exactly the batches not yet seen.
+
+    A run resumed mid-epoch first finishes that epoch, then runs whole epochs.
+    """
+    epoch, offset = divmod(start_step, run.steps_per_epoch)
+    if offset:
+        dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run, skip_steps=start_step))
+        model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1,
+                  steps_per_epoch=run.steps_per_epoch - offset, callbacks=callbacks,
+                  verbose=run.verbose)
+        epoch += 1
+    if epoch < run.epochs and not model.stop_training:
+        skip = epoch * run.steps_per_epoch
+        dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run, skip_steps=skip))
+        model.fit(dataset, initial_epoch=epoch, epochs=run.epochs,
+                  steps_per_epoch=run.steps_per_epoch, callbacks=callbacks, verbose=run.verbose)
 
 
 def collect_metrics(run, adapter, model, recorder, wall_seconds) -> Dict[str, Any]:

@@ -58,12 +58,16 @@ def worker_command(train_flags: Sequence[str]) -> List[str]:
     return [sys.executable, "-m", "tfpar.train", *_WORKER_FLAGS, *train_flags]
 
 
-def _die_with_parent():  # runs in the child between fork and exec
+def _death_signal_fn():
+    """A preexec_fn that has Linux SIGKILL the worker if the launcher dies, or None."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes  # pylint: disable=import-outside-toplevel
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # loaded before fork
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class Launcher:
@@ -88,11 +92,12 @@ class Launcher:
         stream.close()
 
     def start(self) -> None:
+        """Starts every worker in its own process group, then their output pumps."""
+        preexec_fn = _death_signal_fn()
         for command, env in zip(self.commands, self.envs):
             self.procs.append(subprocess.Popen(
                 command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn))
         for i, proc in enumerate(self.procs):
             thread = threading.Thread(target=self._pump, args=(i, proc.stdout), daemon=True)
             thread.start()

@@ -11,6 +11,7 @@ What strategies may rely on (the whole interface between them and models):
   (`tfpar.training.TrainStep` by default); an adapter may install another.
 """
 
+import dataclasses
 from typing import Any, List, Optional
 
 import keras
@@ -28,6 +29,13 @@ class LanguageModel(keras.Model):
         self.model_config = model_config
         self.train_step_fn: Optional[Any] = None
         self.running_loss = keras.metrics.Mean(name="loss")
+
+    def get_config(self):
+        return {"name": self.name, "model_config": dataclasses.asdict(self.model_config)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config_lib.ModelConfig(**config["model_config"]), name=config["name"])
 
     @property
     def stack(self) -> List[keras.layers.Layer]:

@@ -53,6 +53,9 @@ flags.DEFINE_string("model_dir", None, "Checkpoints, backup, TensorBoard logs an
 flags.DEFINE_integer("backup_every_steps", 0, "BackupAndRestore every N steps (0: every epoch).")
 flags.DEFINE_integer("seed", 0, "Seed for weights and data order.")
 flags.DEFINE_string("metrics_json", None, "Write run metrics to this JSON file.")
+flags.DEFINE_string("export_dir", None, "Export the trained model (.keras and SavedModel) here.")
+flags.DEFINE_bool("deterministic", False, "Op determinism: bitwise-equal runs for a seed.")
+flags.DEFINE_bool("plan_only", False, "Print the plan (devices, layouts, memory) and exit.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
 
 
@@ -74,8 +77,11 @@ def config_from_flags() -> config_lib.RunConfig:
     data = config_lib.DataConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, global_batch_size=FLAGS.global_batch_size,
         seq_len=model.seq_len, seed=FLAGS.seed)
+    num_virtual_devices = FLAGS.num_virtual_devices
+    if FLAGS.strategy == "multi_worker" and not FLAGS["num_virtual_devices"].present:
+        num_virtual_devices = 0  # one replica per worker process; the default 2 is for mirrored
     parallel = config_lib.ParallelConfig(
-        strategy=FLAGS.strategy, num_virtual_devices=FLAGS.num_virtual_devices,
+        strategy=FLAGS.strategy, num_virtual_devices=num_virtual_devices,
         devices=tuple(FLAGS.devices), cross_device_ops=FLAGS.cross_device_ops,
         communication=FLAGS.communication, mesh=FLAGS.mesh, layout_rules=FLAGS.layout_rules,
         pipeline_stages=FLAGS.pipeline_stages, num_microbatches=FLAGS.num_microbatches,
@@ -88,7 +94,8 @@ def config_from_flags() -> config_lib.RunConfig:
         mixed_precision=FLAGS.mixed_precision, grad_accum_steps=FLAGS.grad_accum_steps,
         jit_compile=FLAGS.jit_compile, model_dir=FLAGS.model_dir,
         backup_every_steps=FLAGS.backup_every_steps, metrics_json=FLAGS.metrics_json,
-        seed=FLAGS.seed, verbose=FLAGS.verbose)
+        export_dir=FLAGS.export_dir, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+        plan_only=FLAGS.plan_only, verbose=FLAGS.verbose)
 
 
 def fail(message: str) -> None:
@@ -158,6 +165,11 @@ def main(argv):
         metrics = driver.train(run).metrics
     except (ValueError, FloatingPointError) as e:
         fail(str(e))
+    if run.plan_only:
+        return
+    if not metrics["step_losses"]:
+        print(f"tfpar: nothing to train: {run.model_dir} holds a finished run of {run.total_steps} steps.")
+        return
     print(f"tfpar: final loss {metrics['final_loss']:.4f} (first {metrics['step_losses'][0]:.4f}); "
           f"{metrics['tokens_per_second']:,.0f} tokens/s; {metrics['wall_seconds']:.1f} s", flush=True)
 

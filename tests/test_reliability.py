@@ -1,0 +1,150 @@
+"""Resume after SIGKILL, determinism, non-finite loss, export, plan."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+
+from tests.testbase import REPO_ROOT, TestCase, absltest, np, run_cli, tiny_run
+
+RUN_FLAGS = ["--strategy=default", "--model_size=tiny", "--global_batch_size=8",
+             "--steps_per_epoch=6", "--epochs=2", "--backup_every_steps=2", "--verbose=0"]
+
+
+def read_weights(path):
+    values = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: values.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return values
+
+
+class ResumeTest(TestCase):
+
+    def test_sigkill_then_rerun_equals_uninterrupted(self):
+        work = self.create_tempdir().full_path
+        data = f"--data_dir={self.data_dir}"
+        straight = run_cli("tfpar.train", *RUN_FLAGS, data, f"--model_dir={work}/straight")
+        self.assertEqual(straight.returncode, 0, straight.stderr[-2000:])
+
+        killed_dir = f"{work}/killed"
+        proc = subprocess.Popen([sys.executable, "-m", "tfpar.train", *RUN_FLAGS, data,
+                                 f"--model_dir={killed_dir}"], cwd=REPO_ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and not os.path.exists(f"{killed_dir}/backup/ckpt-4.index"):
+                time.sleep(0.05)
+            self.assertTrue(os.path.exists(f"{killed_dir}/backup/ckpt-4.index"), "no backup appeared")
+            proc.send_signal(signal.SIGKILL)  # mid-epoch 1, before step 12
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        self.assertFalse(os.path.exists(f"{killed_dir}/final.weights.h5"))
+
+        rerun = run_cli("tfpar.train", *RUN_FLAGS, data, f"--model_dir={killed_dir}",
+                        f"--metrics_json={work}/m.json")
+        self.assertEqual(rerun.returncode, 0, rerun.stderr[-2000:])
+        with open(f"{work}/m.json") as f:
+            metrics = json.load(f)
+        self.assertGreaterEqual(metrics["resumed_from_step"], 4)
+        self.assertLen(metrics["step_losses"], 12 - metrics["resumed_from_step"])
+        expected = read_weights(f"{work}/straight/final.weights.h5")
+        actual = read_weights(f"{killed_dir}/final.weights.h5")
+        self.assertEqual(expected.keys(), actual.keys())
+        for name in expected:
+            np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+    def test_torn_checkpoint_write_keeps_the_last_good_one(self):
+        work = self.create_tempdir().full_path
+        first = self.train(tiny_run(model_dir=work, steps=4, backup_every_steps=2))
+        backup = f"{work}/backup"
+        # A write that died after the data file but before the `checkpoint` state file.
+        with open(f"{backup}/ckpt-6.data-00000-of-00001", "wb") as f:
+            f.write(b"\0" * 10)
+        resumed = self.train(tiny_run(model_dir=work, steps=6, backup_every_steps=2))
+        self.assertEqual(resumed.metrics["resumed_from_step"], 4)
+        self.assertLen(first.metrics["step_losses"], 4)
+
+
+class DeterminismTest(TestCase):
+
+    def test_two_deterministic_runs_are_bitwise_equal(self):
+        for strategy, count in (("default", 0), ("mirrored", 2)):
+            a = self.train(tiny_run(strategy, devices_count=count, deterministic=True))
+            b = self.train(tiny_run(strategy, devices_count=count, deterministic=True))
+            self.assertEqual(a.metrics["step_losses"], b.metrics["step_losses"], strategy)
+
+
+class NonFiniteLossTest(TestCase):
+
+    def test_stops_at_the_first_non_finite_step_and_keeps_the_good_backup(self):
+        work = self.create_tempdir().full_path
+        # Warmup from lr 0: the first steps are finite, then SGD at up to 1e9 blows up.
+        run = tiny_run(optimizer="sgd", learning_rate=1e9, warmup_steps=4, steps=8,
+                       model_dir=work, backup_every_steps=1)
+        with self.assertRaisesRegex(FloatingPointError, r"non-finite at step \d+") as raised:
+            self.train(run)
+        bad_step = int(re.search(r"step (\d+)", str(raised.exception)).group(1))
+        self.assertGreater(bad_step, 2)
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        latest = tf.train.latest_checkpoint(f"{work}/backup")
+        # The backup after step bad_step - 1 fed the non-finite loss: the one before it is kept.
+        self.assertEqual(os.path.basename(latest), f"ckpt-{bad_step - 2}")
+        reader = tf.train.load_checkpoint(latest)
+        for name in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(name)
+            if np.issubdtype(np.asarray(value).dtype, np.floating):
+                self.assertTrue(np.all(np.isfinite(value)), name)
+
+    def test_cli_reports_the_step_in_one_line(self):
+        result = run_cli("tfpar.train", "--strategy=default", "--model_size=tiny", "--optimizer=sgd",
+                         "--learning_rate=1e9", "--warmup_steps=0", "--steps_per_epoch=8", "--epochs=1",
+                         "--global_batch_size=8", "--verbose=0", f"--data_dir={self.data_dir}")
+        self.assertEqual(result.returncode, 2)
+        self.assertRegex(result.stderr.strip(), r"^tfpar: error: loss became non-finite at step \d+")
+        self.assertLen(result.stderr.strip().splitlines(), 1)
+
+
+class ExportAndPlanTest(TestCase):
+
+    def test_export_loads_in_a_fresh_process_and_generates(self):
+        export_dir = self.create_tempdir().full_path
+        trained = self.train(tiny_run("mirrored", devices_count=2, export_dir=export_dir))
+        script = (
+            "import numpy as np, tensorflow as tf\n"
+            f"m = tf.saved_model.load({export_dir + '/saved_model'!r})\n"
+            "tokens = np.zeros((1, 32), np.int32); tokens[0, :3] = [84, 104, 101]\n"
+            "out = m.serve(tf.constant(tokens), tf.constant([3]))\n"
+            "print(int(out['next_token'][0]), float(out['next_token_logits'][0, 0]))\n"
+            "import keras, tfpar.models\n"
+            f"k = keras.models.load_model({export_dir + '/model.keras'!r})\n"
+            "print(float(k(tf.constant(tokens))[0, 2, 0]))\n")
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                timeout=120, cwd=REPO_ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        token, logit, keras_logit = result.stdout.split()
+        tokens = np.zeros((1, 32), np.int32)
+        tokens[0, :3] = [84, 104, 101]
+        expected = trained.model(tokens).numpy()[0, 2]
+        self.assertEqual(int(token), int(np.argmax(expected)))
+        self.assertAlmostEqual(float(logit), float(expected[0]), places=4)
+        self.assertAlmostEqual(float(keras_logit), float(expected[0]), places=4)
+
+    def test_plan_only_prints_the_plan_and_does_not_train(self):
+        result = run_cli("tfpar.train", "--plan_only", "--strategy=mirrored", "--num_virtual_devices=2",
+                         "--model_size=tiny", "--global_batch_size=8", "--grad_accum_steps=2",
+                         f"--data_dir={self.data_dir}", timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        for text in ("num_replicas: 2", "per_replica_batch_size: 4", "micro_batch_size: 2",
+                     "per_device_param_bytes", "estimated_activation_bytes_per_replica"):
+            self.assertIn(text, result.stdout)
+        self.assertNotIn("Epoch", result.stdout)
+
+
+if __name__ == "__main__":
+    absltest.main()

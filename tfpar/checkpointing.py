@@ -1,0 +1,94 @@
+"""Step-level backup and resume with `tf.train.CheckpointManager`.
+
+Keras's BackupAndRestore resumes at the start of the epoch in which a run
+died (its metadata records the batch but `_load_model` only restores the
+epoch), so every step of that epoch since the backup runs twice, on other
+data than the first time. tfpar backs up model and optimizer every N steps
+and on resume skips exactly the global batches already trained on, so a
+killed and rerun job ends with the weights of an uninterrupted one.
+
+CheckpointManager writes the checkpoint files first and the `checkpoint`
+state file last, so a process killed mid-write leaves the previous
+checkpoint as the latest; restore verifies that every variable was matched.
+A backup is only trusted once the next step's loss is finite (that loss is
+the first computed from its weights): a backup followed by a non-finite
+loss is dropped, so the latest backup is always the last good state.
+"""
+
+import math
+import os
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+
+class StepBackup(keras.callbacks.Callback):
+    """Saves model + optimizer every `every_steps` optimizer steps and at the end of training."""
+
+    def __init__(self, directory: str, model: keras.Model, every_steps: int, max_to_keep: int = 2):
+        super().__init__()
+        self.every_steps = every_steps
+        self.healthy = True  # no non-finite loss seen yet
+        self.unverified: Optional[str] = None  # the backup whose weights no loss has used yet
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+
+    def restore(self) -> int:
+        """Restores the latest backup, if any; returns the optimizer step it holds.
+
+        Raises:
+          ValueError: if the backup does not match the model (another config).
+        """
+        latest = self.manager.latest_checkpoint
+        if latest is None:
+            return 0
+        model = self.checkpoint.model
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        try:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            raise ValueError(
+                f"--model_dir holds a backup of another run that does not match this model. "
+                f"Received: backup={latest}; accepted: the same flags as the run that wrote it, "
+                f"or a new --model_dir. ({str(e).splitlines()[0]})") from None
+        return self.step
+
+    @property
+    def step(self) -> int:
+        return int(self.checkpoint.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("step_loss", (logs or {}).get("loss", 0.0))
+        if not self.healthy:
+            return
+        if not math.isfinite(float(loss)):
+            self.healthy = False
+            self._drop_unverified()
+            return
+        self.unverified = None
+        if self.step % self.every_steps == 0:
+            self.unverified = self.manager.save(checkpoint_number=self.step)
+
+    def on_train_end(self, logs=None):
+        if self.healthy and self.manager.latest_checkpoint != self._path_for(self.step):
+            if all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.checkpoint.model.trainable_variables):
+                self.manager.save(checkpoint_number=self.step)
+
+    def _drop_unverified(self) -> None:
+        """Forgets the latest backup when the first loss computed from its weights is non-finite."""
+        if self.unverified is None:
+            return
+        kept = [path for path in self.manager.checkpoints if path != self.unverified]
+        state_file = os.path.join(self.manager.directory, "checkpoint")
+        if kept:
+            tf.compat.v1.train.update_checkpoint_state(self.manager.directory, kept[-1], kept)
+        elif tf.io.gfile.exists(state_file):
+            tf.io.gfile.remove(state_file)
+        for path in tf.io.gfile.glob(self.unverified + ".*"):
+            tf.io.gfile.remove(path)
+        self.unverified = None
+
+    def _path_for(self, step: int) -> Optional[str]:
+        return os.path.join(self.manager.directory, f"ckpt-{step}")

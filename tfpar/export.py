@@ -1,0 +1,43 @@
+"""Export a trained model, gathered to one device, as `.keras` and SavedModel.
+
+The SavedModel has a `serve` endpoint for generation: given tokens padded to
+the model's length and each row's true length, it returns the next-token
+logits and the greedy next token. It loads with `tf.saved_model.load` alone.
+"""
+
+import os
+
+import keras
+import tensorflow as tf
+
+from tfpar import models
+
+
+def gather(model: keras.Model) -> keras.Model:
+    """A single-device copy of `model` (built outside any strategy scope)."""
+    copy = models.build(model.model_config)
+    copy.set_weights([tf.convert_to_tensor(w).numpy() for w in model.get_weights()])
+    return copy
+
+
+def export(model: keras.Model, export_dir: str) -> str:
+    """Writes export_dir/model.keras and export_dir/saved_model; returns export_dir."""
+    os.makedirs(export_dir, exist_ok=True)
+    single = gather(model)
+    single.save(os.path.join(export_dir, "model.keras"))
+    if single.model_config.name != "gpt":
+        return export_dir
+    length = single.model_config.seq_len
+
+    def serve(tokens, lengths):
+        logits = single(tokens, training=False)  # (batch, seq, vocab)
+        last = tf.gather(logits, lengths - 1, axis=1, batch_dims=1)  # (batch, vocab)
+        return {"next_token_logits": last, "next_token": tf.argmax(last, axis=-1, output_type=tf.int32)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(single)
+    archive.add_endpoint("serve", serve, input_signature=[
+        tf.TensorSpec((None, length), tf.int32, name="tokens"),
+        tf.TensorSpec((None,), tf.int32, name="lengths")])
+    archive.write_out(os.path.join(export_dir, "saved_model"), verbose=False)
+    return export_dir
