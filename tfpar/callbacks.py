@@ -1,10 +1,11 @@
-"""Callbacks tfpar adds to `model.fit`: per-step losses and throughput."""
+"""Callbacks tfpar adds to `model.fit`: per-step losses, throughput, TensorBoard scalars."""
 
 import math
 import time
 from typing import List, Optional
 
 import keras
+import psutil
 
 
 class StepRecorder(keras.callbacks.Callback):
@@ -50,3 +51,52 @@ class StepRecorder(keras.callbacks.Callback):
         if timed <= 0:
             return 0.0
         return (self.step_ends[-1] - self.step_ends[self.warmup_steps - 1]) / timed
+
+
+class TrainingScalars(keras.callbacks.Callback):
+    """TensorBoard scalars every `every_steps` steps: loss, learning rate, tokens/s, memory.
+
+    Memory is each accelerator's current bytes in use (`tf.config.experimental.
+    get_memory_info`) and, on every machine, the host process's resident set.
+    Keras's TensorBoard callback (also installed) writes the per-epoch metrics
+    and the profiler trace.
+    """
+
+    def __init__(self, log_dir: str, tokens_per_step: int, devices: List[str], every_steps: int = 10):
+        super().__init__()
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        self.tf = tf
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.tokens_per_step = tokens_per_step
+        specs = [tf.DeviceSpec.from_string(d) for d in devices]
+        self.accelerators = [f"{s.device_type}:{s.device_index or 0}" for s in specs
+                             if s.device_type in ("GPU", "TPU")]
+        self.every_steps = every_steps
+        self.window_start: Optional[float] = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.window_start is None:
+            self.window_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every_steps:
+            return
+        now = time.perf_counter()
+        scalars = {"step_loss": float((logs or {}).get("step_loss", math.nan)),
+                   "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                   "tokens_per_second": self.every_steps * self.tokens_per_step / (now - self.window_start),
+                   "memory/host_rss_mb": psutil.Process().memory_info().rss / 2**20}
+        for device in self.accelerators:
+            try:
+                used = self.tf.config.experimental.get_memory_info(device)["current"]
+            except (ValueError, self.tf.errors.OpError):
+                continue
+            scalars[f"memory/{device.replace(':', '_')}_mb"] = used / 2**20
+        with self.writer.as_default(step=step):
+            for name, value in scalars.items():
+                self.tf.summary.scalar(name, value)
+        self.window_start = now
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()

@@ -175,6 +175,7 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = False
     plan_only: bool = False
+    profile_steps: Tuple[int, ...] = ()
     verbose: int = 1
 
     def __post_init__(self):
@@ -195,6 +196,21 @@ class RunConfig:
             raise ValueError(
                 f"--global_batch_size must be divisible by the number of replicas. "
                 f"Received: global_batch_size={self.data.global_batch_size}, replicas={replicas}.")
+        for flag in ("model_dir", "export_dir"):
+            path = getattr(self, flag)
+            if path and os.path.exists(path) and not os.path.isdir(path):
+                raise ValueError(f"--{flag} is a file. Received: {flag}={path!r}; accepted: a "
+                                 "directory, created if missing.")
+        if self.profile_steps:
+            first, last = (tuple(self.profile_steps) + (0, 0))[:2]
+            if len(self.profile_steps) != 2 or not 1 <= first <= last <= self.total_steps:
+                raise ValueError(
+                    f"--profile_steps must be two steps FIRST,LAST with 1 <= FIRST <= LAST <= "
+                    f"{self.total_steps} (the run's steps). Received: "
+                    f"profile_steps={','.join(map(str, self.profile_steps))}.")
+            if not self.model_dir:
+                raise ValueError("--profile_steps writes the trace under --model_dir/logs. Received: "
+                                 "model_dir=None; accepted: --model_dir=DIR with --profile_steps.")
         micro = self.data.global_batch_size % self.grad_accum_steps
         if micro:
             raise ValueError(

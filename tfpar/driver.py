@@ -42,15 +42,19 @@ def build_model(run: config_lib.RunConfig, adapter) -> modeling.LanguageModel:
     return model
 
 
-def fit_callbacks(run: config_lib.RunConfig, work_dir: Optional[str]) -> List[Any]:
-    """Per-epoch weights and TensorBoard under `work_dir` (the chief's model_dir)."""
+def fit_callbacks(run: config_lib.RunConfig, adapter, model, work_dir: Optional[str]) -> List[Any]:
+    """Per-epoch weights, TensorBoard scalars and profile under `work_dir` (the chief's model_dir)."""
     if not work_dir:
         return []
+    logs = os.path.join(work_dir, "logs")
     return [
         keras.callbacks.ModelCheckpoint(
             os.path.join(work_dir, "checkpoints", "epoch_{epoch:03d}.weights.h5"),
             save_weights_only=True),
-        keras.callbacks.TensorBoard(os.path.join(work_dir, "logs"), update_freq="epoch"),
+        keras.callbacks.TensorBoard(logs, update_freq="epoch", profile_batch=run.profile_steps or 0),
+        callbacks_lib.TrainingScalars(
+            os.path.join(logs, "steps"), run.data.global_batch_size * model.tokens_per_example(),
+            adapter.devices, every_steps=min(10, run.steps_per_epoch)),
     ]
 
 
@@ -95,7 +99,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             if run.plan_only:
                 return TrainResult(metrics={"plan": plan}, model=model)
         recorder = callbacks_lib.StepRecorder(run.data.global_batch_size * model.tokens_per_example())
-        callbacks = [recorder, *extra_callbacks, *fit_callbacks(run, work_dir)]
+        callbacks = [recorder, *extra_callbacks, *fit_callbacks(run, adapter, model, work_dir)]
         start_step = 0
         if work_dir:
             os.makedirs(work_dir, exist_ok=True)

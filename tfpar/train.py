@@ -56,6 +56,7 @@ flags.DEFINE_string("metrics_json", None, "Write run metrics to this JSON file."
 flags.DEFINE_string("export_dir", None, "Export the trained model (.keras and SavedModel) here.")
 flags.DEFINE_bool("deterministic", False, "Op determinism: bitwise-equal runs for a seed.")
 flags.DEFINE_bool("plan_only", False, "Print the plan (devices, layouts, memory) and exit.")
+flags.DEFINE_list("profile_steps", [], "FIRST,LAST: profile these steps into --model_dir/logs (TensorBoard).")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
 
 
@@ -64,7 +65,8 @@ def _int_list(flag: str, values) -> tuple:
         return tuple(int(v) for v in values)
     except ValueError:
         raise ValueError(
-            f"--{flag} must be a list of integers. Received: {flag}={','.join(values)}.") from None
+            f"--{flag} must be a list of integers. Received: {flag}={','.join(values)}; "
+            "accepted: comma-separated integers.") from None
 
 
 def config_from_flags() -> config_lib.RunConfig:
@@ -95,7 +97,7 @@ def config_from_flags() -> config_lib.RunConfig:
         jit_compile=FLAGS.jit_compile, model_dir=FLAGS.model_dir,
         backup_every_steps=FLAGS.backup_every_steps, metrics_json=FLAGS.metrics_json,
         export_dir=FLAGS.export_dir, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
-        plan_only=FLAGS.plan_only, verbose=FLAGS.verbose)
+        plan_only=FLAGS.plan_only, profile_steps=_int_list("profile_steps", FLAGS.profile_steps), verbose=FLAGS.verbose)
 
 
 def fail(message: str) -> None:
