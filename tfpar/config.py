@@ -85,11 +85,12 @@ class ModelConfig:
             positive(field, getattr(self, field))
         if self.d_model % self.num_heads:
             raise ValueError(
-                f"d_model must be divisible by num_heads. Received: "
-                f"d_model={self.d_model}, num_heads={self.num_heads}.")
+                f"d_model must be divisible by num_heads. Received: d_model={self.d_model}, "
+                f"num_heads={self.num_heads}; accepted: a num_heads dividing {self.d_model}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(
-                f"--dropout must be in [0, 1). Received: dropout={self.dropout}.")
+                f"--dropout must be in [0, 1). Received: dropout={self.dropout}; accepted: a "
+                "number in [0, 1).")
 
     @property
     def head_dim(self) -> int:

@@ -1,0 +1,87 @@
+"""Bad input, every strategy: exit status 2, one line on stderr, no traceback.
+
+One table (README's troubleshooting section lists the same cases). Each case
+runs the real command in a subprocess; most fail before TensorFlow is imported.
+"""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+
+from tests.testbase import REPO_ROOT, absltest
+
+W5 = ('{"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}, '
+      '"task": {"type": "worker", "index": 5}}')
+
+# (case, module, flags, extra environment, texts the one line must contain)
+CASES = [
+    # (name, module, args, env, expected substrings)
+    ("unknown_strategy", "tfpar.train", ["--strategy=mirorred"], None, ["strategy", "mirrored"]),
+    ("unknown_model_size", "tfpar.train", ["--model_size=huge"], None, ["model_size", "tiny"]),
+    ("unknown_model", "tfpar.train", ["--model=bert"], None, ["model", "gpt"]),
+    ("unknown_optimizer", "tfpar.train", ["--optimizer=adam"], None, ["optimizer", "adamw"]),
+    ("unknown_precision", "tfpar.train", ["--mixed_precision=fp8"], None, ["mixed_precision", "mixed_bfloat16"]),
+    ("unknown_flag", "tfpar.train", ["--stratgy=mirrored"], None, ["stratgy"]),
+    ("positional_argument", "tfpar.train", ["train"], None, ["unexpected", "--name=value"]),
+    ("not_an_integer", "tfpar.train", ["--global_batch_size=eight"], None, ["global_batch_size", "int"]),
+    ("zero_seq_len", "tfpar.train", ["--seq_len=0"], None, ["seq_len", "> 0"]),
+    ("negative_learning_rate", "tfpar.train", ["--learning_rate=-1"], None, ["learning_rate", "> 0"]),
+    ("dropout_out_of_range", "tfpar.train", ["--dropout=1.5"], None, ["dropout", "[0, 1)"]),
+    ("zero_epochs", "tfpar.train", ["--epochs=0"], None, ["epochs", "> 0"]),
+    ("accum_not_dividing", "tfpar.train", ["--global_batch_size=8", "--grad_accum_steps=3"], None, ["grad_accum_steps", "divisible"]),
+    ("missing_text_file", "tfpar.train", ["--dataset=text:/no/such/file.txt"], None, ["dataset", "text:PATH"]),
+    ("unknown_dataset_kind", "tfpar.train", ["--dataset=csv:x.csv"], None, ["dataset", "tfds"]),
+    ("unknown_tfds_name", "tfpar.train", ["--dataset=tfds:no_such_dataset_xyz", "--data_dir=/tmp/tfpar_no_data"], None, ["dataset", "tfds.list_builders"]),
+    ("model_dir_is_a_file", "tfpar.train", ["--model_dir=/etc/hostname"], None, ["model_dir", "directory"]),
+    ("export_dir_is_a_file", "tfpar.train", ["--export_dir=/etc/hostname"], None, ["export_dir", "directory"]),
+    ("profile_steps_one_value", "tfpar.train", ["--profile_steps=3", "--model_dir=/tmp/tfpar_bi"], None, ["profile_steps", "FIRST,LAST"]),
+    ("profile_steps_without_model_dir", "tfpar.train", ["--profile_steps=2,3"], None, ["profile_steps", "model_dir"]),
+    ("negative_virtual_devices", "tfpar.train", ["--num_virtual_devices=-2"], None, ["num_virtual_devices", ">= 0"]),
+    ("mirrored_batch_not_divisible", "tfpar.train", ["--strategy=mirrored", "--num_virtual_devices=3", "--global_batch_size=8"], None, ["global_batch_size", "replicas=3"]),
+    ("mirrored_device_missing", "tfpar.train", ["--strategy=mirrored", "--num_virtual_devices=2", "--devices=/cpu:0,/cpu:5"], None, ["devices", "available"]),
+    ("mirrored_unknown_cross_device_ops", "tfpar.train", ["--strategy=mirrored", "--cross_device_ops=ncll"], None, ["cross_device_ops", "nccl"]),
+    ("multi_worker_malformed_tf_config", "tfpar.train", ["--strategy=multi_worker"], {"TF_CONFIG": '{"cluster": '}, ["TF_CONFIG", "malformed JSON"]),
+    ("multi_worker_index_out_of_range", "tfpar.train", ["--strategy=multi_worker"], {"TF_CONFIG": W5}, ["TF_CONFIG", "out of range"]),
+    ("multi_worker_unknown_communication", "tfpar.train", ["--strategy=multi_worker", "--communication=rings"], None, ["communication", "ring"]),
+    ("launch_zero_workers", "tfpar.launch", ["--num_workers=0"], None, ["num_workers"]),
+    ("dtensor_malformed_mesh", "tfpar.train", ["--strategy=dtensor", "--num_virtual_devices=4", "--mesh=batch=2"], None, ["mesh", "malformed"]),
+    ("dtensor_mesh_size_differs", "tfpar.train", ["--strategy=dtensor", "--num_virtual_devices=2", "--mesh=batch:2,model:2"], None, ["mesh", "differs"]),
+    ("dtensor_missing_rules_file", "tfpar.train", ["--strategy=dtensor", "--num_virtual_devices=2", "--mesh=model:2", "--layout_rules=/no/rules.json"], None, ["layout_rules"]),
+    ("dtensor_jit_compile", "tfpar.train", ["--strategy=dtensor", "--num_virtual_devices=2", "--mesh=model:2", "--jit_compile"], None, ["jit_compile"]),
+    ("pipeline_unknown_schedule", "tfpar.train", ["--strategy=pipeline", "--pipeline_schedule=interleaved"], None, ["pipeline_schedule", "1f1b"]),
+    ("pipeline_more_stages_than_blocks", "tfpar.train", ["--strategy=pipeline", "--num_virtual_devices=8", "--pipeline_stages=8"], None, ["stage"]),
+    ("pipeline_microbatches_not_dividing", "tfpar.train", ["--strategy=pipeline", "--num_virtual_devices=2", "--pipeline_stages=2", "--num_microbatches=3", "--global_batch_size=8"], None, ["num_microbatches"]),
+    ("pipeline_boundaries_not_integers", "tfpar.train", ["--strategy=pipeline", "--stage_boundaries=a"], None, ["stage_boundaries", "integers"]),
+    ("pipeline_grad_accum", "tfpar.train", ["--strategy=pipeline", "--num_virtual_devices=2", "--pipeline_stages=2", "--grad_accum_steps=2"], None, ["grad_accum_steps"]),
+]
+
+
+def run_case(module, flags, env):
+    if module == "tfpar.train":
+        flags = ["--model_size=tiny", "--verbose=0", *flags]
+    return subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True,
+                          timeout=180, cwd=REPO_ROOT,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
+
+
+class BadInputTableTest(absltest.TestCase):
+
+    def test_every_case_is_one_line_and_exit_2(self):
+        self.assertGreaterEqual(len(CASES), 25)
+        self.assertLen({case[0] for case in CASES}, len(CASES))
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda case: run_case(*case[1:4]), CASES))
+        for (name, _, _, _, expected), result in zip(CASES, results):
+            with self.subTest(name):
+                self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+                self.assertNotIn("Traceback", result.stderr)
+                lines = [line for line in result.stderr.splitlines() if line.strip()]
+                self.assertLen(lines, 1, result.stderr[-2000:])
+                self.assertRegex(lines[0], r"^tfpar(-launch)?: error: ")
+                for text in expected:
+                    self.assertIn(text, lines[0])
+
+
+if __name__ == "__main__":
+    absltest.main()
