@@ -137,8 +137,8 @@ class MultiWorkerProcessTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        # Workers that prepare the same TFDS directory at once race (see
-        # BUILD_NOTES.md); prepare it once before any worker starts.
+        # Prepare the TFDS directory once, so that workers only read it (they
+        # would otherwise prepare it one after another under data.py's lock).
         cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "tfds")
         code = ("from tfpar import config, data; "
                 f"data.text_dataset(config.DataConfig(data_dir={cls.data_dir!r}))")

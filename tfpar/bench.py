@@ -1,17 +1,24 @@
-"""tfpar-bench: tfpar against the same model as plain Keras, in one run.
+"""tfpar-bench: every strategy against plain Keras and the machine's own peak, in one run.
 
-    tfpar-bench --strategies=default,mirrored --model_size=small --out_dir=bench_out
+    tfpar-bench --model_size=small --out_dir=bench_out
+    tfpar-bench --strategies=default --scaling --out_dir=bench_scaling
 
-Each (strategy, implementation) cell runs in its own process, cells are
-interleaved over `--repeats` rounds (so drift on a shared machine hits both
-sides alike), and each reports the median step time over windows after
-warm-up. Writes bench.json, bench.md and, with matplotlib, bench.png.
+Cells: `default` and `mirrored` (tfpar and, with --impls, the same model as
+plain Keras), `multi_worker` (2 worker processes through tfpar-launch),
+`dtensor` at each --dtensor_meshes entry, `pipeline` at each --pipeline_shapes
+KxM, and with --scaling tfpar `default` over width, depth and sequence length.
+Each cell runs in its own process; cells are interleaved over --repeats rounds
+(drift on a shared machine hits every cell alike) and report the median step
+time over windows after warm-up. Training flags (--model_size, --jit_compile,
+--mixed_precision, --global_batch_size, ...) apply to every cell. Writes
+bench.json, bench.md and bench.png (with matplotlib).
 """
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -21,9 +28,13 @@ from tfpar import train as train_cli
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_list("strategies", ["default", "mirrored"], "Strategies to measure.")
-flags.DEFINE_list("impls", ["tfpar", "plain"], "Implementations: tfpar, plain (Keras).")
-flags.DEFINE_integer("bench_devices", 2, "Virtual devices for multi-device strategies.")
+flags.DEFINE_list("strategies", ["default", "mirrored", "multi_worker", "dtensor", "pipeline"],
+                  "Strategies to measure.")
+flags.DEFINE_list("impls", ["tfpar", "plain"], "tfpar, and plain Keras where upstream can do the job.")
+flags.DEFINE_integer("bench_devices", 2, "Devices (or workers) for mirrored and multi_worker.")
+flags.DEFINE_string("dtensor_meshes", "model:2;batch:2", "';'-separated --mesh values for dtensor cells.")
+flags.DEFINE_list("pipeline_shapes", ["2x2", "2x8"], "KxM (stages x micro-batches) for pipeline cells.")
+flags.DEFINE_bool("scaling", False, "Also measure tfpar default over width, depth and sequence length.")
 flags.DEFINE_integer("steps", 30, "Steps per cell, warm-up included.")
 flags.DEFINE_integer("warmup", 6, "Steps excluded from timing.")
 flags.DEFINE_integer("window", 4, "Steps per timed window.")
@@ -31,53 +42,88 @@ flags.DEFINE_integer("repeats", 2, "Rounds over all cells.")
 flags.DEFINE_string("out_dir", "bench_out", "Where bench.json, bench.md and bench.png go.")
 flags.DEFINE_string("cell", None, "Internal: run one cell from this JSON spec and print its result.")
 
-
-def _run_config(strategy: str) -> config_lib.RunConfig:
-    run = train_cli.config_from_flags()
-    count = 0 if strategy == "default" else FLAGS.bench_devices
-    parallel = config_lib.ParallelConfig(**{**run.parallel.__dict__, "strategy": strategy,
-                                            "num_virtual_devices": count})
-    return run.replace(parallel=parallel, model_dir=None, metrics_json=None, verbose=0)
+SCALING = {"d_model": (64, 128, 256, 512), "num_layers": (1, 2, 4, 8), "seq_len": (32, 64, 128, 256)}
 
 
-def _run_cell(spec) -> dict:
+def _with(run: config_lib.RunConfig, **parallel) -> config_lib.RunConfig:
+    return run.replace(parallel=config_lib.ParallelConfig(**{**run.parallel.__dict__, **parallel}))
+
+
+def _pipeline_shape(text: str):
+    stages, _, micro = text.partition("x")
+    if not (stages.isdigit() and micro.isdigit() and int(stages) > 1 and int(micro) > 0):
+        raise ValueError(f"--pipeline_shapes: malformed entry. Received: {text!r}; accepted: KxM "
+                         "with K >= 2 stages and M >= 1 micro-batches, e.g. 2x8.")
+    return int(stages), int(micro)
+
+
+def plan_cells(base: config_lib.RunConfig):
+    """(label, impl, run, extra spec) for every cell of this invocation; ValueError for bad flags."""
+    n = FLAGS.bench_devices
+    cells = []
+
+    def add(label, run, impls=("tfpar",), **extra):
+        for impl in impls:
+            if impl in FLAGS.impls:
+                cells.append((label, impl, run, extra))
+
+    for strategy in FLAGS.strategies:
+        config_lib.choice("strategies", strategy, config_lib.STRATEGIES)
+        if strategy == "default":
+            add("default", _with(base, strategy="default", num_virtual_devices=0), ("tfpar", "plain"))
+        elif strategy == "mirrored":
+            add(f"mirrored {n} dev", _with(base, strategy="mirrored", num_virtual_devices=n), ("tfpar", "plain"))
+        elif strategy == "multi_worker":
+            add(f"multi_worker {n} workers", _with(base, strategy="multi_worker", num_virtual_devices=0),
+                launch_workers=n)
+        elif strategy == "dtensor":
+            for mesh in filter(None, FLAGS.dtensor_meshes.split(";")):
+                from tfpar import layouts  # pylint: disable=import-outside-toplevel
+                size = layouts.parse_mesh(mesh, None).num_devices
+                add(f"dtensor {mesh}", _with(base, strategy="dtensor", mesh=mesh, num_virtual_devices=size))
+        elif strategy == "pipeline":
+            for text in FLAGS.pipeline_shapes:
+                k, m = _pipeline_shape(text)
+                add(f"pipeline K{k}xM{m}", _with(base, strategy="pipeline", num_virtual_devices=k,
+                                                 pipeline_stages=k, num_microbatches=m))
+            # One device's own speed (one core's thread pool): the yardstick of pipeline efficiency.
+            add("default 1 thread", _with(base, strategy="default", num_virtual_devices=0), intra_op_threads=1)
+    if FLAGS.scaling:
+        single = _with(base, strategy="default", num_virtual_devices=0)
+        for field, values in SCALING.items():
+            for value in values:
+                model = config_lib.ModelConfig(**{**single.model.__dict__, field: value})
+                data = config_lib.DataConfig(**{**single.data.__dict__, "seq_len": model.seq_len})
+                add(f"scaling {field}={value}", single.replace(model=model, data=data),
+                    scaling=(field, value))
+    return cells
+
+
+def _run_cell(label: str, spec) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if spec.get("launch_workers"):
+        return _run_launched(label, spec, env)
     proc = subprocess.run([sys.executable, "-m", "tfpar.bench", f"--cell={json.dumps(spec)}"],
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark cell {spec['impl']}/{spec['run']['parallel']['strategy']} "
-                           f"failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"benchmark cell {label!r} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _markdown(summary, peak, flops_per_token) -> str:
-    lines = ["| strategy | impl | ms/step (± sd) | tokens/s | MFU | tfpar/plain | peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]
-    for key, row in summary.items():
-        plain = summary.get(f"{row['strategy']}/plain")
-        ratio = f"{row['tokens_per_second'] / plain['tokens_per_second']:.3f}" if plain and row["impl"] == "tfpar" else ""
-        mfu = row["tokens_per_second"] * flops_per_token / peak if flops_per_token else 0.0
-        lines.append(f"| {row['strategy']} ({row['devices'] or 1} dev) | {row['impl']} | "
-                     f"{1000 * row['step_seconds']:.0f} (± {1000 * row['step_seconds_stdev']:.0f}) | "
-                     f"{row['tokens_per_second']:,.0f} | {100 * mfu:.1f} % | {ratio} | {row['peak_rss_mb']:.0f} |")
-    return "\n".join(lines) + f"\n\nmatmul peak (float32, 2048²): {peak / 1e9:.0f} GFLOP/s\n"
-
-
-def _plot(summary, path) -> None:
-    try:
-        import matplotlib  # pylint: disable=import-outside-toplevel
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        return
-    names = list(summary)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(names, [summary[n]["tokens_per_second"] for n in names])
-    ax.set_ylabel("tokens/s")
-    ax.set_title("tfpar-bench throughput")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    fig.savefig(path)
+def _run_launched(label: str, spec, env) -> dict:
+    """A multi_worker cell: tfpar-launch starts the workers; the chief's metrics JSON is read."""
+    from tfpar import benchmark  # pylint: disable=import-outside-toplevel
+    run = benchmark.config_from_dict(spec["run"])
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics_path = os.path.join(tmp, "metrics.json")
+        train_flags = benchmark.train_flags(run, spec["steps"]) + [f"--metrics_json={metrics_path}"]
+        proc = subprocess.run([sys.executable, "-m", "tfpar.launch", f"--num_workers={spec['launch_workers']}",
+                               "--", *train_flags], capture_output=True, text=True, env=env, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark cell {label!r} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    return benchmark.result_from_metrics(spec, run, metrics)
 
 
 def main(argv):
@@ -89,37 +135,35 @@ def main(argv):
         print(json.dumps(benchmark.measure(json.loads(FLAGS.cell))), flush=True)
         return
     try:
-        for name in FLAGS.strategies:
-            config_lib.choice("strategies", name, config_lib.STRATEGIES)
         for impl in FLAGS.impls:
             config_lib.choice("impls", impl, ("tfpar", "plain"))
-        runs = {s: _run_config(s) for s in FLAGS.strategies}
+        base = train_cli.config_from_flags().replace(model_dir=None, metrics_json=None, verbose=0)
+        cells = plan_cells(base)
     except ValueError as e:
         train_cli.fail(str(e))
     from tfpar import benchmark  # pylint: disable=import-outside-toplevel
-    cells = []
+    results = []
     for round_index in range(FLAGS.repeats):
-        for strategy, run in runs.items():
-            for impl in FLAGS.impls:
-                spec = {"impl": impl, "run": benchmark.config_to_dict(run), "steps": FLAGS.steps,
-                        "warmup": FLAGS.warmup, "window": FLAGS.window}
-                cell = _run_cell(spec)
-                print(f"round {round_index + 1}: {strategy}/{impl}: {1000 * cell['step_seconds']:.0f} ms/step",
-                      flush=True)
-                cells.append(cell)
-    summary = benchmark.summarize(cells)
-    peak = benchmark.matmul_peak_flops()
-    any_run = next(iter(runs.values()))
-    params = next((r["params"] for r in summary.values() if r["params"]), 0)
-    flops_per_token = benchmark.model_flops_per_token(any_run.model, params) if params else 0.0
+        for label, impl, run, extra in cells:
+            if extra.get("scaling") and round_index:
+                continue  # scaling curves: one round
+            spec = {"impl": impl, "run": benchmark.config_to_dict(run), "steps": FLAGS.steps,
+                    "warmup": FLAGS.warmup, "window": FLAGS.window, "label": label, **extra}
+            try:
+                result = _run_cell(label, spec)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                train_cli.fail(str(e))
+            print(f"round {round_index + 1}: {label} / {impl}: {1000 * result['step_seconds']:.0f} ms/step",
+                  flush=True)
+            results.append(result)
+    report = benchmark.report(results, base)
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    table = _markdown(summary, peak, flops_per_token)
     with open(os.path.join(FLAGS.out_dir, "bench.json"), "w") as f:
-        json.dump({"summary": summary, "cells": cells, "matmul_peak_flops": peak,
-                   "model_flops_per_token": flops_per_token}, f, indent=2)
+        json.dump({**report, "cells": results}, f, indent=2)
+    table = benchmark.markdown(report)
     with open(os.path.join(FLAGS.out_dir, "bench.md"), "w") as f:
         f.write(table)
-    _plot(summary, os.path.join(FLAGS.out_dir, "bench.png"))
+    benchmark.plot(report, os.path.join(FLAGS.out_dir, "bench.png"))
     print(table)
 
 

@@ -8,6 +8,7 @@ tfpar/bench.py) so that one cell's TF state cannot slow or break the next.
 """
 
 import dataclasses
+import resource
 import statistics
 import time
 from typing import Any, Dict, List
@@ -57,7 +58,7 @@ def model_flops_per_token(cfg: config_lib.ModelConfig, params: int) -> float:
     return 6 * params + 12 * cfg.num_layers * cfg.seq_len * cfg.d_model
 
 
-def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int) -> StepTimer:
+def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int, timer: StepTimer) -> None:
     """The same model as plain Keras: functional, Keras's train_step, Keras's data path."""
     from tfpar import models  # pylint: disable=import-outside-toplevel
     keras.utils.set_random_seed(run.seed)
@@ -73,42 +74,58 @@ def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int) -> StepTime
             warmup_steps=run.warmup_steps, weight_decay=run.weight_decay)
         model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=run.jit_compile)
     dataset = data_lib.make_dataset_fn(run)(tf.distribute.InputContext())
-    timer = StepTimer()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[timer], verbose=0)
-    return timer
 
 
 def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Runs one benchmark cell; `spec` holds impl, run (RunConfig as dict), steps, warmup, window."""
+    """Runs one benchmark cell in this process; `spec` is what tfpar/bench.py plans."""
     from tfpar import devices, driver, strategies  # pylint: disable=import-outside-toplevel
     run = config_from_dict(spec["run"])
-    devices.configure_virtual_devices(run.parallel.num_virtual_devices)
+    if spec.get("intra_op_threads"):
+        tf.config.threading.set_intra_op_parallelism_threads(spec["intra_op_threads"])
+    # plain Keras gets TF's default thread pools, as hand-written code would.
+    concurrent = run.parallel.concurrent_devices if spec["impl"] == "tfpar" else 1
+    devices.configure_virtual_devices(run.parallel.num_virtual_devices, concurrent)
     adapter = strategies.from_config(run.parallel)
-    steps, warmup, window = spec["steps"], spec["warmup"], spec["window"]
+    timer = StepTimer()
     if spec["impl"] == "plain":
-        timer = _plain_keras_fit(run, adapter, steps)
-        ends, params, per_device = timer.ends, None, None
+        _plain_keras_fit(run, adapter, spec["steps"], timer)
+        metrics = {"params": None, "per_device_param_bytes": None}
     else:
-        timer = StepTimer()
-        result = driver.train(run.replace(steps_per_epoch=steps, epochs=1, verbose=0), adapter=adapter,
-                              extra_callbacks=[timer])
-        ends, params = timer.ends, result.metrics["params"]
-        per_device = result.metrics["per_device_param_bytes"]
-    rates = window_rates(ends, warmup, window)
+        metrics = driver.train(run.replace(steps_per_epoch=spec["steps"], epochs=1, verbose=0),
+                               adapter=adapter, extra_callbacks=[timer]).metrics
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result_from_metrics(spec, run, {**metrics, "step_end_seconds": timer.ends, "peak_rss_mb": peak_rss_mb})
+
+
+def result_from_metrics(spec, run: config_lib.RunConfig, metrics) -> Dict[str, Any]:
+    """One cell's result from its step end times and tfpar's metrics JSON."""
+    rates = window_rates(metrics["step_end_seconds"], spec["warmup"], spec["window"])
     step_seconds = statistics.median(rates)
-    tokens = run.data.global_batch_size * run.model.seq_len
     return {
-        "impl": spec["impl"], "strategy": run.parallel.strategy,
-        "devices": run.parallel.num_virtual_devices, "step_seconds": step_seconds,
-        "step_seconds_windows": rates, "tokens_per_second": tokens / step_seconds,
-        "params": params, "per_device_param_bytes": per_device,
-        "peak_rss_mb": _peak_rss_mb(),
+        "label": spec["label"], "impl": spec["impl"], "strategy": run.parallel.strategy,
+        "devices": len(metrics.get("devices") or []) or max(run.parallel.num_virtual_devices, 1),
+        "workers": spec.get("launch_workers", 1), "scaling": spec.get("scaling"),
+        "model_config": dataclasses.asdict(run.model), "mixed_precision": run.mixed_precision,
+        "optimizer": run.optimizer, "step_seconds": step_seconds, "step_seconds_windows": rates,
+        "tokens_per_second": run.data.global_batch_size * run.model.seq_len / step_seconds,
+        "params": metrics.get("params"), "per_device_param_bytes": metrics.get("per_device_param_bytes"),
+        "bubble_fraction_gpipe_bound": metrics.get("bubble_fraction_gpipe_bound"),
+        "num_stages": run.parallel.pipeline_stages if run.parallel.strategy == "pipeline" else None,
+        "peak_rss_mb": metrics["peak_rss_mb"],
     }
 
 
-def _peak_rss_mb() -> float:
-    import resource  # pylint: disable=import-outside-toplevel
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def train_flags(run: config_lib.RunConfig, steps: int) -> List[str]:
+    """tfpar-train flags for `run` with `steps` steps (the multi_worker cell's command line)."""
+    m = run.model
+    return [f"--strategy={run.parallel.strategy}", f"--model={m.name}", f"--model_size={m.size}",
+            f"--seq_len={m.seq_len}", f"--dropout={m.dropout}",
+            f"--global_batch_size={run.data.global_batch_size}", f"--steps_per_epoch={steps}",
+            "--epochs=1", f"--optimizer={run.optimizer}", f"--learning_rate={run.learning_rate}",
+            f"--mixed_precision={run.mixed_precision}", f"--grad_accum_steps={run.grad_accum_steps}",
+            f"--jit_compile={run.jit_compile}", f"--seed={run.seed}", f"--data_dir={run.data.data_dir or ''}",
+            f"--dataset={run.data.dataset}", "--verbose=0"]
 
 
 def config_from_dict(d: Dict[str, Any]) -> config_lib.RunConfig:
@@ -125,23 +142,113 @@ def config_to_dict(run: config_lib.RunConfig) -> Dict[str, Any]:
     return dataclasses.asdict(run)
 
 
-def summarize(cells: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Median over repeats per (strategy, impl), with the spread of the windows."""
+def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[str, Any]:
+    """Per (label, impl): median step time over every window of every round, and derived figures."""
     grouped: Dict[tuple, List[Dict[str, Any]]] = {}
-    for cell in cells:
-        grouped.setdefault((cell["strategy"], cell["devices"], cell["impl"]), []).append(cell)
-    summary = {}
-    for (strategy, count, impl), group in grouped.items():
-        windows = [w for c in group for w in c["step_seconds_windows"]]
+    for result in results:
+        grouped.setdefault((result["label"], result["impl"]), []).append(result)
+    dtype = tf.bfloat16 if base.mixed_precision == "mixed_bfloat16" else tf.float32
+    peak = matmul_peak_flops(dtype=dtype)
+    rows = {}
+    for (label, impl), group in grouped.items():
+        first = group[0]
+        windows = [w for r in group for w in r["step_seconds_windows"]]
         step = statistics.median(windows)
-        summary[f"{strategy}/{impl}"] = {
-            "strategy": strategy, "devices": count, "impl": impl, "step_seconds": step,
-            "step_seconds_stdev": statistics.pstdev(windows) if len(windows) > 1 else 0.0,
-            "tokens_per_second": group[0]["tokens_per_second"] * group[0]["step_seconds"] / step,
-            "params": group[0]["params"], "per_device_param_bytes": group[0]["per_device_param_bytes"],
-            "peak_rss_mb": max(c["peak_rss_mb"] for c in group), "windows": len(windows),
+        cfg = config_lib.ModelConfig(**first["model_config"])
+        params = next((r["params"] for r in results if r["params"] and r["model_config"] == first["model_config"]), 0)
+        tokens_per_second = base.data.global_batch_size * cfg.seq_len / step
+        slots = 3 if first["optimizer"] == "adamw" else 1  # weights + Adam's two moments
+        per_device = first["per_device_param_bytes"]
+        rows[f"{label}/{impl}"] = {
+            **{k: first[k] for k in ("label", "impl", "strategy", "devices", "workers", "scaling",
+                                     "num_stages", "bubble_fraction_gpipe_bound")},
+            "model_config": first["model_config"], "params": params,
+            "step_seconds": step, "step_seconds_stdev": statistics.pstdev(windows) if len(windows) > 1 else 0.0,
+            "windows": len(windows), "tokens_per_second": tokens_per_second,
+            "mfu": tokens_per_second * model_flops_per_token(cfg, params) / peak if params else None,
+            "per_device_state_bytes": max(per_device) * slots if per_device else None,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in group),
         }
-    return summary
+    for row in rows.values():
+        plain = rows.get(f"{row['label']}/plain")
+        row["tfpar_over_plain"] = (row["tokens_per_second"] / plain["tokens_per_second"]
+                                   if plain and row["impl"] == "tfpar" else None)
+        one_thread = rows.get("default 1 thread/tfpar")
+        if row["num_stages"] and one_thread:
+            # Measured efficiency: throughput over K devices each as fast as one core.
+            efficiency = row["tokens_per_second"] / (row["num_stages"] * one_thread["tokens_per_second"])
+            row["pipeline_efficiency"] = efficiency
+            row["bubble_fraction_measured"] = 1.0 - efficiency
+            row["efficiency_over_gpipe_bound"] = efficiency / (1.0 - row["bubble_fraction_gpipe_bound"])
+    return {"rows": rows, "matmul_peak_flops": peak, "peak_dtype": dtype.name,
+            "global_batch_size": base.data.global_batch_size, "model_size": base.model.size,
+            "jit_compile": base.jit_compile, "mixed_precision": base.mixed_precision}
 
 
-__all__ = ["measure", "matmul_peak_flops", "model_flops_per_token", "summarize"]
+def _fmt(value, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+def markdown(rep: Dict[str, Any]) -> str:
+    """The report as markdown tables (strategies, then scaling)."""
+    head = ("| cell | impl | ms/step (± sd) | tokens/s | MFU | tfpar/plain | state bytes/device "
+            "| peak RSS MB | bubble measured (bound) |\n|---|---|---|---|---|---|---|---|---|")
+    lines, scaling = [head], ["| scaling | params | ms/step | tokens/s | MFU | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for row in rep["rows"].values():
+        if row["scaling"]:
+            field, value = row["scaling"]
+            scaling.append(f"| {field}={value} | {row['params']:,} | {1000 * row['step_seconds']:.0f} | "
+                           f"{row['tokens_per_second']:,.0f} | {_fmt(row['mfu'], '{:.1%}')} | {row['peak_rss_mb']:.0f} |")
+            continue
+        bubble = ""
+        if row.get("bubble_fraction_measured") is not None:
+            bubble = f"{row['bubble_fraction_measured']:.2f} ({row['bubble_fraction_gpipe_bound']:.2f})"
+        lines.append(
+            f"| {row['label']} | {row['impl']} | {1000 * row['step_seconds']:.0f} (± {1000 * row['step_seconds_stdev']:.0f}) "
+            f"| {row['tokens_per_second']:,.0f} | {_fmt(row['mfu'], '{:.1%}')} | {_fmt(row['tfpar_over_plain'], '{:.3f}')} "
+            f"| {_fmt(row['per_device_state_bytes'], '{:,}')} | {row['peak_rss_mb']:.0f} | {bubble} |")
+    text = "\n".join(lines)
+    if len(scaling) > 2:
+        text += "\n\n" + "\n".join(scaling)
+    return (text + f"\n\nmodel {rep['model_size']}, global batch {rep['global_batch_size']}, "
+            f"{rep['mixed_precision']}, jit_compile={rep['jit_compile']}; matmul peak "
+            f"({rep['peak_dtype']}, 2048^2): {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s\n")
+
+
+def plot(rep: Dict[str, Any], path: str) -> None:
+    """Throughput and MFU per cell, and the scaling curves, into one PNG (needs matplotlib)."""
+    try:
+        import matplotlib  # pylint: disable=import-outside-toplevel
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return
+    rows = [r for r in rep["rows"].values() if not r["scaling"]]
+    curves = {}
+    for r in rep["rows"].values():
+        if r["scaling"]:
+            curves.setdefault(r["scaling"][0], []).append((r["scaling"][1], r["tokens_per_second"], r["peak_rss_mb"]))
+    fig, axes = plt.subplots(1, 2 + len(curves), figsize=(6 + 4 * (1 + len(curves)), 4))
+    names = [f"{r['label']}\n{r['impl']}" for r in rows]
+    axes[0].bar(names, [r["tokens_per_second"] for r in rows])
+    axes[0].set_ylabel("tokens/s")
+    axes[1].bar(names, [100 * (r["mfu"] or 0) for r in rows])
+    axes[1].set_ylabel("MFU %")
+    for ax in axes[:2]:
+        plt.setp(ax.get_xticklabels(), rotation=60, ha="right", fontsize=7)
+    for ax, (field, points) in zip(axes[2:], curves.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="tokens/s")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(field)
+        ax.set_ylabel("tokens/s")
+        twin = ax.twinx()
+        twin.plot([p[0] for p in points], [p[2] for p in points], "s--", color="tab:red", label="peak RSS MB")
+        twin.set_ylabel("peak RSS MB")
+    fig.suptitle("tfpar-bench (" + rep["model_size"] + ")")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+__all__ = ["measure", "matmul_peak_flops", "model_flops_per_token", "report", "markdown", "plot"]

@@ -145,6 +145,17 @@ class ParallelConfig:
         positive("num_microbatches", self.num_microbatches)
 
     @property
+    def concurrent_devices(self) -> int:
+        """How many devices run ops at the same time (sizes the CPU thread pools)."""
+        if self.strategy == "mirrored":
+            return len(self.devices) or self.num_virtual_devices or 1
+        if self.strategy == "dtensor":
+            return self.num_virtual_devices or 1
+        if self.strategy == "pipeline":
+            return self.pipeline_stages
+        return 1
+
+    @property
     def known_replicas(self) -> Optional[int]:
         """Replicas implied by the flags alone (before TF starts), if they say."""
         if self.strategy == "default":

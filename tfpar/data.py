@@ -12,6 +12,7 @@ after the shuffle, so that the union of the workers' k-th batches is exactly
 the k-th global batch of a single pipeline, then batched per replica.
 """
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -65,6 +66,22 @@ class TfparText(tfds.core.GeneratorBasedBuilder):
             yield i, {"text": data[i:i + _RECORD_BYTES]}
 
 
+def _prepared(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+    """A prepared builder; processes sharing a data_dir prepare it one at a time.
+
+    TFDS prepares into a temporary directory and renames it, but two workers
+    preparing at once still race on the rename. The builder is made again
+    under the lock so that it reads what another process prepared.
+    """
+    lock_dir = os.path.dirname(make_builder().data_dir)
+    os.makedirs(lock_dir, exist_ok=True)
+    with open(os.path.join(lock_dir, ".prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = make_builder()
+        builder.download_and_prepare()
+    return builder
+
+
 def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     """A dataset of scalar `tf.string` texts for `data.dataset`.
 
@@ -77,8 +94,7 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
         if kind == "text":
             digest = hashlib.sha1(os.path.abspath(arg).encode()).hexdigest()[:12]
             builder_config = TextConfig(name=f"file_{digest}", path=arg)
-        builder = TfparText(data_dir=data.data_dir, config=builder_config)
-        builder.download_and_prepare()
+        builder = _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
         return builder.as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])
     try:
         ds, info = tfds.load(arg, split="train", data_dir=data.data_dir, with_info=True,

@@ -8,6 +8,7 @@ below it imports it.
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -172,8 +173,10 @@ def collect_metrics(run, adapter, model, recorder, wall_seconds) -> Dict[str, An
         "final_loss": recorder.step_losses[-1] if recorder.step_losses else None,
         "tokens_per_second": recorder.tokens_per_second,
         "step_seconds": recorder.step_seconds,
+        "step_end_seconds": [t - recorder.start_time for t in recorder.step_ends],
         "wall_seconds": wall_seconds,
         "per_device_param_bytes": adapter.per_device_param_bytes(model),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **adapter.extra_metrics(),
     }
 

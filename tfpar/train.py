@@ -163,7 +163,7 @@ def main(argv):
     from tfpar import driver  # pylint: disable=import-outside-toplevel
     try:
         if run.parallel.strategy != "multi_worker":  # its strategy must start TF itself
-            devices.configure_virtual_devices(run.parallel.num_virtual_devices)
+            devices.configure_virtual_devices(run.parallel.num_virtual_devices, run.parallel.concurrent_devices)
         metrics = driver.train(run).metrics
     except (ValueError, FloatingPointError) as e:
         fail(str(e))
