@@ -15,10 +15,13 @@ class MirroredEquivalenceTest(TestCase):
         self.assertLess(reference.metrics["step_losses"][-1], reference.metrics["step_losses"][0])
         self.assertLossesClose(reference.metrics["step_losses"], mirrored.metrics["step_losses"])
 
-    def test_jit_compile_under_mirrored_equals_default(self):
+    def test_jit_compile_under_mirrored_and_default_equals_default(self):
         reference = self.train(tiny_run("default"))
         jitted = self.train(tiny_run("mirrored", devices_count=2, jit_compile=True))
         self.assertLossesClose(reference.metrics["step_losses"], jitted.metrics["step_losses"])
+        # Without a strategy XLA compiles the optimizer update too.
+        jitted_default = self.train(tiny_run("default", jit_compile=True, grad_accum_steps=2))
+        self.assertLossesClose(reference.metrics["step_losses"], jitted_default.metrics["step_losses"])
 
     def test_mixed_bfloat16_trains_under_mirrored(self):
         result = self.train(tiny_run("mirrored", devices_count=2, steps=8,

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 from absl.testing import absltest
@@ -239,40 +238,65 @@ class MultiWorkerProcessTest(absltest.TestCase):
         self.assertEqual(reference["replicas"], 1)
         np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5)
 
-    def test_killed_worker_stops_launcher_and_leaves_no_process(self):
-        launcher = subprocess.Popen(
-            [sys.executable, "-m", "tfpar.launch", "--num_workers=2", "--grace_seconds=2", "--",
-             "--model_size=tiny", "--global_batch_size=8", "--steps_per_epoch=100000",
-             "--epochs=1", "--verbose=1", self.data_flag()],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
-            start_new_session=True)
-        self.procs.append(launcher)
-        started = threading.Event()
-        lines = []
+    def test_killed_worker_fails_fast_and_rerun_resumes_exactly(self):
+        run_flags = ["--model_size=tiny", "--global_batch_size=8", "--steps_per_epoch=40", "--epochs=2",
+                     "--backup_every_steps=8", "--verbose=0", self.data_flag()]
 
-        def read():
-            for line in launcher.stdout:
-                lines.append(line)
-                if line.startswith("[worker 1] tfpar"):  # model built: workers are in collectives
-                    started.set()
-            started.set()  # the launcher ended early
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        self.assertTrue(started.wait(TIMEOUT), "".join(lines[-30:]))
-        self.assertIsNone(launcher.poll(), "".join(lines[-30:]))
-        time.sleep(1)
+        def launch_command(model_dir, *extra):
+            return [sys.executable, "-m", "tfpar.launch", "--num_workers=2", "--grace_seconds=2", "--",
+                    *run_flags, f"--model_dir={model_dir}", *extra]
+
+        straight_dir, killed_dir = os.path.join(self.tmp, "straight"), os.path.join(self.tmp, "killed")
+        straight = subprocess.run(launch_command(straight_dir), capture_output=True, text=True,
+                                  timeout=TIMEOUT, env=self.env)
+        self.assertEqual(straight.returncode, 0, straight.stdout[-3000:] + straight.stderr[-3000:])
+
+        log_path = os.path.join(self.tmp, "killed.log")
+        with open(log_path, "w") as log:
+            launcher = subprocess.Popen(launch_command(killed_dir), stdout=log, stderr=subprocess.STDOUT,
+                                        env=self.env, start_new_session=True)
+        self.procs.append(launcher)
+        deadline = time.monotonic() + TIMEOUT
+        backup = os.path.join(killed_dir, "backup", "ckpt-16.index")
+        while time.monotonic() < deadline and not os.path.exists(backup) and launcher.poll() is None:
+            time.sleep(0.02)
+        self.assertTrue(os.path.exists(backup), "no backup appeared")
         descendants = psutil.Process(launcher.pid).children(recursive=True)
         workers = [p for p in descendants if "tfpar.train" in " ".join(p.cmdline())]
         self.assertLen(workers, 2)
-        workers[1].send_signal(signal.SIGKILL)
+        workers[1].send_signal(signal.SIGKILL)  # mid-epoch 0 or 1, before step 80
         killed_at = time.monotonic()
         status = launcher.wait(timeout=60)
         self.assertLess(time.monotonic() - killed_at, 60)
         self.assertNotEqual(status, 0)
-        reader.join(timeout=10)
-        self.assertIn("worker 1 exited with status 137; stopping the others", "".join(lines))
         _, alive = psutil.wait_procs(descendants, timeout=5)
         self.assertEmpty(alive)
+        self.assertFalse(os.path.exists(os.path.join(killed_dir, "final.weights.h5")))
+        with open(log_path) as log:
+            self.assertIn("worker 1 exited with status 137; stopping the others", log.read())
+
+        metrics_path = os.path.join(self.tmp, "resumed.json")
+        rerun = subprocess.run(launch_command(killed_dir, f"--metrics_json={metrics_path}"),
+                               capture_output=True, text=True, timeout=TIMEOUT, env=self.env)
+        self.assertEqual(rerun.returncode, 0, rerun.stdout[-3000:] + rerun.stderr[-3000:])
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+        self.assertGreaterEqual(metrics["resumed_from_step"], 16)
+        self.assertLess(metrics["resumed_from_step"], 80)
+        self.assertLen(metrics["step_losses"], 80 - metrics["resumed_from_step"])  # none lost or repeated
+        expected = _read_h5(os.path.join(straight_dir, "final.weights.h5"))
+        actual = _read_h5(os.path.join(killed_dir, "final.weights.h5"))
+        self.assertEqual(expected.keys(), actual.keys())
+        for name in expected:
+            np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def _read_h5(path):
+    import h5py  # pylint: disable=import-outside-toplevel
+    values = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: values.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return values
 
 
 if __name__ == "__main__":

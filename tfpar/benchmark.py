@@ -207,6 +207,8 @@ def markdown(rep: Dict[str, Any]) -> str:
             f"| {row['label']} | {row['impl']} | {1000 * row['step_seconds']:.0f} (± {1000 * row['step_seconds_stdev']:.0f}) "
             f"| {row['tokens_per_second']:,.0f} | {_fmt(row['mfu'], '{:.1%}')} | {_fmt(row['tfpar_over_plain'], '{:.3f}')} "
             f"| {_fmt(row['per_device_state_bytes'], '{:,}')} | {row['peak_rss_mb']:.0f} | {bubble} |")
+    for label, error in rep.get("plain_failures", {}).items():
+        lines.append(f"| {label} | plain | fails: {error.split('failed: ')[-1][:120]} | | | | | | |")
     text = "\n".join(lines)
     if len(scaling) > 2:
         text += "\n\n" + "\n".join(scaling)

@@ -26,8 +26,16 @@ import tensorflow as tf
 class StepBackup(keras.callbacks.Callback):
     """Saves model + optimizer every `every_steps` optimizer steps and at the end of training."""
 
-    def __init__(self, directory: str, model: keras.Model, every_steps: int, max_to_keep: int = 2):
+    def __init__(self, directory: str, model: keras.Model, every_steps: int, max_to_keep: int = 2,
+                 restore_from: Optional[str] = None):
+        """Saves into `directory`; restores from `restore_from` (default: `directory`).
+
+        Under multi-worker training every worker saves (saving reads
+        variables collectively) but only the chief into the run's directory;
+        all of them restore from the chief's backup.
+        """
         super().__init__()
+        self.restore_from = restore_from or directory
         self.every_steps = every_steps
         self.healthy = True  # no non-finite loss seen yet
         self.unverified: Optional[str] = None  # the backup whose weights no loss has used yet
@@ -40,7 +48,7 @@ class StepBackup(keras.callbacks.Callback):
         Raises:
           ValueError: if the backup does not match the model (another config).
         """
-        latest = self.manager.latest_checkpoint
+        latest = tf.train.latest_checkpoint(self.restore_from)
         if latest is None:
             return 0
         model = self.checkpoint.model

@@ -108,7 +108,8 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
                 json.dump(dataclasses.asdict(run), f, indent=2)
             backup = checkpointing.StepBackup(
                 os.path.join(work_dir, "backup"), model,
-                every_steps=run.backup_every_steps or run.steps_per_epoch)
+                every_steps=run.backup_every_steps or run.steps_per_epoch,
+                restore_from=os.path.join(run.model_dir, "backup"))
             start_step = backup.restore()
             callbacks.append(backup)
             if start_step and run.verbose:

@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 from absl import app
 from absl import flags
 
+from tfpar import cli
 from tfpar import cluster as cluster_lib
 
 FLAGS = flags.FLAGS
@@ -40,17 +41,10 @@ _WORKER_FLAGS = ("--strategy=multi_worker", "--num_virtual_devices=0")
 
 
 def fail(message: str) -> None:
-    """Prints one line to stderr and exits with status 2."""
-    print(f"tfpar-launch: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    cli.fail(message, "tfpar-launch")
 
 
-def parse_flags_one_line(argv):
-    """absl flag parsing whose errors are one line and exit status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
+parse_flags_one_line = cli.one_line_flags_parser("tfpar-launch")
 
 
 def worker_command(train_flags: Sequence[str]) -> List[str]:

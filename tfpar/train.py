@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from tfpar import cli
 from tfpar import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -100,18 +101,8 @@ def config_from_flags() -> config_lib.RunConfig:
         plan_only=FLAGS.plan_only, profile_steps=_int_list("profile_steps", FLAGS.profile_steps), verbose=FLAGS.verbose)
 
 
-def fail(message: str) -> None:
-    """Prints one line to stderr and exits with status 2."""
-    print(f"tfpar: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def parse_flags_one_line(argv):
-    """absl flag parsing whose errors are one line and exit status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
+fail = cli.fail
+parse_flags_one_line = cli.one_line_flags_parser("tfpar")
 
 
 @contextlib.contextmanager

@@ -8,10 +8,11 @@ Keras's own step in two ways that tf.distribute users need:
   step on the whole batch. It never calls the optimizer inside a condition,
   which is what makes Keras's `gradient_accumulation_steps` raise under
   MirroredStrategy (keras-team/keras#17429).
-* `jit_compile=True` compiles only the gradient computation, as a pure
-  function of the variables' values (`Layer.stateless_call`); the variables
-  are read and updated outside XLA. Keras compiles the whole replicated step,
-  which fails on virtual CPUs with "tf.Variable on a different device".
+* `jit_compile=True` under a strategy compiles only the gradient computation,
+  as a pure function of the variables' values (`Layer.stateless_call`); the
+  variables are read, all-reduced and updated outside XLA. Keras compiles the
+  whole replicated step, which fails on virtual CPUs with "tf.Variable on a
+  different device". Without a strategy the update is compiled too.
 """
 
 from typing import Any, List, Tuple
@@ -60,6 +61,8 @@ class TrainStep:
     def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
         variables = model.trainable_variables
         scale = loss_scale(model.optimizer)
+        if self.jit_compile and not tf.distribute.has_strategy():
+            return self._whole_step_compiled(model, x, y, scale)
         if self.jit_compile:
             grad_fn = self._compiled.get(id(model))
             if grad_fn is None:
@@ -75,6 +78,23 @@ class TrainStep:
                 lambda mx, my: self._stateful_grads(model, mx, my, scale), x, y)
         model.optimizer.apply_gradients(zip(grads, variables))
         return loss
+
+    def _whole_step_compiled(self, model, x, y, scale) -> tf.Tensor:
+        """Without a strategy there is no all-reduce between gradients and update,
+        and every variable is on the one device: XLA compiles the whole step."""
+        optimizer = model.optimizer
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        step_fn = self._compiled.get(("whole", id(model)))
+        if step_fn is None:
+            def step(x, y, scale):
+                loss, grads = self._accumulate(
+                    lambda mx, my: self._stateful_grads(model, mx, my, scale), x, y)
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+                return loss
+            step_fn = tf.function(step, jit_compile=True)
+            self._compiled[("whole", id(model))] = step_fn
+        return step_fn(x, y, scale)
 
     def _accumulate(self, micro_fn, x, y) -> Tuple[tf.Tensor, list]:
         """Sums micro_fn's (loss, grads) over micro-batches, one after another."""
