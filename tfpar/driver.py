@@ -110,7 +110,8 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
                 os.path.join(work_dir, "backup"), model,
                 every_steps=run.backup_every_steps or run.steps_per_epoch,
                 restore_from=os.path.join(run.model_dir, "backup"))
-            start_step = backup.restore()
+            with adapter.scope():  # the optimizer may build its slots here
+                start_step = backup.restore()
             callbacks.append(backup)
             if start_step and run.verbose:
                 print(f"tfpar: resuming from the backup at step {start_step}", flush=True)
