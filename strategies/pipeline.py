@@ -55,7 +55,8 @@ class PipelineStep:
     """One optimizer step as a pipeline over `stages` (lists of layers) on `devices`."""
 
     def __init__(self, *, stages: Sequence[Sequence[keras.layers.Layer]], devices: Sequence[str],
-                 num_microbatches: int, schedule: str, remat: bool = False):
+                 num_microbatches: int, schedule: str, remat: bool = False, grad_accum_steps: int = 1):
+        self.grad_accum_steps = grad_accum_steps
         self.stages = [list(s) for s in stages]
         self.devices = list(devices)
         self.num_microbatches = num_microbatches
@@ -74,9 +75,11 @@ class PipelineStep:
         return state
 
     def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
-        k, m = len(self.stages), self.num_microbatches
+        k, m, a = len(self.stages), self.num_microbatches, self.grad_accum_steps
         scale = training.loss_scale(model.optimizer)
-        xs, ys = training.split_microbatches(x, m), training.split_microbatches(y, m)
+        # grad_accum_steps=A runs the schedule A times over M micro-batches each
+        # (a flush between rounds) and applies the summed gradients once.
+        xs, ys = training.split_microbatches(x, m * a), training.split_microbatches(y, m * a)
         stage_vars = [[v for layer in stage for v in layer.trainable_variables] for stage in self.stages]
         inputs: Dict = {}    # (s, mb) -> the stage's input state
         tapes: Dict = {}     # (s, mb) -> (tape, flat float outputs or loss)
@@ -86,13 +89,15 @@ class PipelineStep:
         losses = []
         last: List[list] = [[] for _ in range(k)]  # tensors of each stage's previous event
 
-        for s, (kind, mb) in self.order:
-            with tf.name_scope(f"pipeline/stage_{s}"), tf.device(self.devices[s]), \
-                    tf.control_dependencies(last[s]):
-                if kind == "F":
-                    last[s] = self._forward_event(model, s, mb, xs, ys, scale, inputs, tapes, outputs, losses)
-                else:
-                    last[s] = self._backward_event(s, mb, stage_vars, inputs, tapes, in_grads, grads)
+        for round_start in range(0, m * a, m):
+            for s, (kind, mb) in self.order:
+                mb += round_start
+                with tf.name_scope(f"pipeline/stage_{s}"), tf.device(self.devices[s]), \
+                        tf.control_dependencies(last[s]):
+                    if kind == "F":
+                        last[s] = self._forward_event(model, s, mb, xs, ys, scale, inputs, tapes, outputs, losses)
+                    else:
+                        last[s] = self._backward_event(s, mb, stage_vars, inputs, tapes, in_grads, grads)
         flat_grads = {}
         for s in range(k):
             with tf.device(self.devices[s]):
@@ -100,11 +105,11 @@ class PipelineStep:
                     flat_grads[id(v)] = g
         variables = model.trainable_variables
         model.optimizer.apply_gradients([(flat_grads[id(v)], v) for v in variables])
-        loss = tf.add_n(losses) / m
+        loss = tf.add_n(losses) / (m * a)
         return loss * training.num_replicas()
 
     def _forward_event(self, model, s, mb, xs, ys, scale, inputs, tapes, outputs, losses):
-        k, m = len(self.stages), self.num_microbatches
+        k, m = len(self.stages), self.num_microbatches * self.grad_accum_steps
         state = xs[mb] if s == 0 else outputs.pop((s - 1, mb))
         inputs[(s, mb)] = state
         if self.remat and s < k - 1:
@@ -219,10 +224,12 @@ class PipelineAdapter(base.StrategyAdapter):
                 f"--num_microbatches must divide the per-replica batch. Received: "
                 f"num_microbatches={self.num_microbatches}, per-replica batch={per_replica}; "
                 f"accepted: a divisor of {per_replica}.")
-        if run.grad_accum_steps != 1:
+        if per_replica % (self.num_microbatches * run.grad_accum_steps):
             raise ValueError(
-                f"--grad_accum_steps does not combine with --strategy=pipeline (use "
-                f"--num_microbatches). Received: grad_accum_steps={run.grad_accum_steps}; accepted: 1.")
+                f"--num_microbatches x --grad_accum_steps must divide the per-replica batch. "
+                f"Received: num_microbatches={self.num_microbatches}, grad_accum_steps="
+                f"{run.grad_accum_steps}, per-replica batch={per_replica}; accepted: a product "
+                f"dividing {per_replica}.")
         if run.jit_compile:
             raise ValueError(
                 "--jit_compile is not supported with --strategy=pipeline (XLA cannot compile a "
@@ -262,7 +269,7 @@ class PipelineAdapter(base.StrategyAdapter):
                             for stage in stages]
         model.train_step_fn = PipelineStep(
             stages=stages, devices=self.stage_devices, num_microbatches=self.num_microbatches,
-            schedule=self.schedule, remat=self.remat)
+            schedule=self.schedule, remat=self.remat, grad_accum_steps=run.grad_accum_steps)
         return model
 
     def prepare_optimizer(self, model: keras.Model, run: config_lib.RunConfig) -> None:

@@ -53,7 +53,7 @@ CASES = [
     ("pipeline_more_stages_than_blocks", "tfpar.train", ["--strategy=pipeline", "--num_virtual_devices=8", "--pipeline_stages=8"], None, ["stage"]),
     ("pipeline_microbatches_not_dividing", "tfpar.train", ["--strategy=pipeline", "--num_virtual_devices=2", "--pipeline_stages=2", "--num_microbatches=3", "--global_batch_size=8"], None, ["num_microbatches"]),
     ("pipeline_boundaries_not_integers", "tfpar.train", ["--strategy=pipeline", "--stage_boundaries=a"], None, ["stage_boundaries", "integers"]),
-    ("pipeline_grad_accum", "tfpar.train", ["--strategy=pipeline", "--num_virtual_devices=2", "--pipeline_stages=2", "--grad_accum_steps=2"], None, ["grad_accum_steps"]),
+    ("pipeline_grad_accum", "tfpar.train", ["--strategy=pipeline", "--num_virtual_devices=2", "--pipeline_stages=2", "--global_batch_size=8", "--num_microbatches=4", "--grad_accum_steps=4"], None, ["grad_accum_steps", "divide"]),
     ("bench_unknown_strategy", "tfpar.bench", ["--strategies=default,pipelin"], None, ["strategies", "pipeline"]),
     ("bench_malformed_pipeline_shape", "tfpar.bench", ["--strategies=pipeline", "--pipeline_shapes=2y8"], None, ["pipeline_shapes", "KxM"]),
 ]

@@ -102,6 +102,16 @@ class PipelineEquivalenceTest(TestCase):
         result = self.train(pipeline_run(2, 4, "1f1b", parallel=dict(remat=True)))
         self.assertSameTraining(result)
 
+    def test_grad_accum_rounds_equal_default(self):
+        result = self.train(pipeline_run(2, 2, "1f1b", grad_accum_steps=2))
+        self.assertSameTraining(result)
+
+    def test_mixed_bfloat16_trains(self):
+        result = self.train(pipeline_run(2, 2, "gpipe", mixed_precision="mixed_bfloat16"))
+        losses = result.metrics["step_losses"]
+        self.assertTrue(np.all(np.isfinite(losses)))
+        self.assertLess(losses[-1], losses[0])
+
     def test_seq2seq_encoder_decoder_split_equals_default(self):
         num_layers = config_lib.model_config("seq2seq", "tiny").num_layers
         result = self.train(pipeline_run(2, 2, "1f1b", model="seq2seq", steps=3,
@@ -160,7 +170,8 @@ class PipelineValidationTest(TestCase):
          "stage_boundaries"),
         ("replicated_pipelines", dict(stages=2, microbatches=1, devices_count=4), "not available yet"),
         ("devices_not_multiple", dict(stages=2, microbatches=1, devices_count=3), "one device per stage"),
-        ("grad_accum", dict(stages=2, microbatches=1, grad_accum_steps=2), "grad_accum_steps"),
+        ("accum_times_microbatches_not_dividing", dict(stages=2, microbatches=4, grad_accum_steps=4),
+         "grad_accum_steps"),
         ("jit_compile", dict(stages=2, microbatches=1, jit_compile=True), "jit_compile"),
         ("remat_with_dropout", dict(stages=2, microbatches=1, dropout=0.1, parallel=dict(remat=True)),
          "remat"))
