@@ -13,7 +13,10 @@ dependencies:
   (at most K-s micro-batches alive on stage s).
 
 Gradients are summed over micro-batches of loss/M, so a step equals one step
-on the whole batch. With `remat`, a stage keeps only its input in the forward
+on the whole batch. With R x K devices, R pipeline replicas each take 1/R of
+the batch (data parallel); the variables stay on the first replica's stage
+devices, the others read them, and all gradients are summed there before one
+update (central storage, as in tf.distribute's CentralStorageStrategy). With `remat`, a stage keeps only its input in the forward
 pass and recomputes its activations under the tape in the backward pass.
 """
 
@@ -55,8 +58,11 @@ class PipelineStep:
     """One optimizer step as a pipeline over `stages` (lists of layers) on `devices`."""
 
     def __init__(self, *, stages: Sequence[Sequence[keras.layers.Layer]], devices: Sequence[str],
-                 num_microbatches: int, schedule: str, remat: bool = False, grad_accum_steps: int = 1):
+                 num_microbatches: int, schedule: str, remat: bool = False, grad_accum_steps: int = 1,
+                 replicas: int = 1):
+        """`devices` holds `replicas` x K devices: replica r runs stage s on devices[r * K + s]."""
         self.grad_accum_steps = grad_accum_steps
+        self.replicas = replicas
         self.stages = [list(s) for s in stages]
         self.devices = list(devices)
         self.num_microbatches = num_microbatches
@@ -75,41 +81,49 @@ class PipelineStep:
         return state
 
     def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
-        k, m, a = len(self.stages), self.num_microbatches, self.grad_accum_steps
+        k, m, a, r = len(self.stages), self.num_microbatches, self.grad_accum_steps, self.replicas
         scale = training.loss_scale(model.optimizer)
-        # grad_accum_steps=A runs the schedule A times over M micro-batches each
-        # (a flush between rounds) and applies the summed gradients once.
-        xs, ys = training.split_microbatches(x, m * a), training.split_microbatches(y, m * a)
+        # Replica i takes the i-th 1/R of the batch. grad_accum_steps=A runs the
+        # schedule A times over M micro-batches each (a flush between rounds).
+        # Micro-batch ids are (replica, index) pairs; every replica reads the one
+        # copy of the variables (on replica 0's stage devices), and the gradients
+        # of all replicas are summed there before one update.
+        xs, ys = training.split_microbatches(x, r * m * a), training.split_microbatches(y, r * m * a)
         stage_vars = [[v for layer in stage for v in layer.trainable_variables] for stage in self.stages]
         inputs: Dict = {}    # (s, mb) -> the stage's input state
         tapes: Dict = {}     # (s, mb) -> (tape, flat float outputs or loss)
         outputs: Dict = {}   # (s, mb) -> the stage's output state
         in_grads: Dict = {}  # (s, mb) -> gradients w.r.t. the float leaves of inputs[(s, mb)]
-        grads: List[Optional[list]] = [None] * k
+        grads: List[List[Optional[list]]] = [[None] * k for _ in range(r)]
         losses = []
-        last: List[list] = [[] for _ in range(k)]  # tensors of each stage's previous event
+        last: Dict = {}  # (replica, stage) -> tensors of that stage's previous event
 
         for round_start in range(0, m * a, m):
             for s, (kind, mb) in self.order:
-                mb += round_start
-                with tf.name_scope(f"pipeline/stage_{s}"), tf.device(self.devices[s]), \
-                        tf.control_dependencies(last[s]):
-                    if kind == "F":
-                        last[s] = self._forward_event(model, s, mb, xs, ys, scale, inputs, tapes, outputs, losses)
-                    else:
-                        last[s] = self._backward_event(s, mb, stage_vars, inputs, tapes, in_grads, grads)
+                for replica in range(r):
+                    mb_id = replica * m * a + round_start + mb
+                    with tf.name_scope(f"pipeline/stage_{s}"), \
+                            tf.device(self.devices[replica * k + s]), \
+                            tf.control_dependencies(last.get((replica, s), [])):
+                        if kind == "F":
+                            last[(replica, s)] = self._forward_event(
+                                model, s, mb_id, xs, ys, scale, inputs, tapes, outputs, losses)
+                        else:
+                            last[(replica, s)] = self._backward_event(
+                                s, mb_id, stage_vars, inputs, tapes, in_grads, grads[replica])
         flat_grads = {}
         for s in range(k):
             with tf.device(self.devices[s]):
-                for v, g in zip(stage_vars[s], grads[s]):
+                summed = [tf.add_n(g) if r > 1 else g[0] for g in zip(*(grads[i][s] for i in range(r)))]
+                for v, g in zip(stage_vars[s], summed):
                     flat_grads[id(v)] = g
         variables = model.trainable_variables
         model.optimizer.apply_gradients([(flat_grads[id(v)], v) for v in variables])
-        loss = tf.add_n(losses) / (m * a)
+        loss = tf.add_n(losses) / (r * m * a)
         return loss * training.num_replicas()
 
     def _forward_event(self, model, s, mb, xs, ys, scale, inputs, tapes, outputs, losses):
-        k, m = len(self.stages), self.num_microbatches * self.grad_accum_steps
+        k, m = len(self.stages), self.replicas * self.num_microbatches * self.grad_accum_steps
         state = xs[mb] if s == 0 else outputs.pop((s - 1, mb))
         inputs[(s, mb)] = state
         if self.remat and s < k - 1:
@@ -186,16 +200,14 @@ class PipelineAdapter(base.StrategyAdapter):
                 f"--pipeline_stages must not exceed the devices. Received: pipeline_stages={k}, "
                 f"devices={len(chosen)}; accepted: 1..{len(chosen)} stages (or more devices "
                 f"through --num_virtual_devices).")
-        if (requested or count) and len(chosen) != k:
-            if len(chosen) % k == 0:
-                raise ValueError(
-                    f"--strategy=pipeline with data-parallel pipeline replicas (devices = "
-                    f"replicas x stages) is not available yet. Received: devices={len(chosen)}, "
-                    f"pipeline_stages={k}; accepted: devices={k}.")
+        if not (requested or count):
+            return chosen[:k]  # all devices were offered: one pipeline on the first K
+        if len(chosen) % k:
             raise ValueError(
-                f"--strategy=pipeline needs one device per stage. Received: devices={len(chosen)}, "
-                f"pipeline_stages={k}; accepted: devices={k}.")
-        return chosen[:k]
+                f"--strategy=pipeline needs one device per stage of each pipeline replica. "
+                f"Received: devices={len(chosen)}, pipeline_stages={k}; accepted: a multiple of "
+                f"{k} (replicas x stages).")
+        return chosen
 
     @classmethod
     def from_config(cls, parallel: config_lib.ParallelConfig) -> "PipelineAdapter":
@@ -207,6 +219,11 @@ class PipelineAdapter(base.StrategyAdapter):
     @property
     def devices(self) -> List[str]:
         return list(self.stage_devices)
+
+    @property
+    def num_replicas(self) -> int:
+        """Pipeline replicas (data parallel): each runs all K stages on its own K devices."""
+        return len(self.stage_devices) // self.num_stages
 
     def validate(self, run: config_lib.RunConfig) -> None:
         super().validate(run)
@@ -269,7 +286,8 @@ class PipelineAdapter(base.StrategyAdapter):
                             for stage in stages]
         model.train_step_fn = PipelineStep(
             stages=stages, devices=self.stage_devices, num_microbatches=self.num_microbatches,
-            schedule=self.schedule, remat=self.remat, grad_accum_steps=run.grad_accum_steps)
+            schedule=self.schedule, remat=self.remat, grad_accum_steps=run.grad_accum_steps,
+            replicas=self.num_replicas)
         return model
 
     def prepare_optimizer(self, model: keras.Model, run: config_lib.RunConfig) -> None:
@@ -291,7 +309,8 @@ class PipelineAdapter(base.StrategyAdapter):
                 del opt.add_variable_from_reference  # the instance attribute set above
 
     def per_device_param_bytes(self, model: keras.Model) -> List[int]:
-        return list(self.stage_bytes)
+        """Stage variables live on the first pipeline's devices; other replicas read them."""
+        return list(self.stage_bytes) + [0] * (len(self.stage_devices) - self.num_stages)
 
     def schedule_estimate(self) -> Dict[str, float]:
         plans = schedule_lib.stage_events(self.schedule, self.num_stages, self.num_microbatches)

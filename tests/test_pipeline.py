@@ -102,6 +102,12 @@ class PipelineEquivalenceTest(TestCase):
         result = self.train(pipeline_run(2, 4, "1f1b", parallel=dict(remat=True)))
         self.assertSameTraining(result)
 
+    def test_two_pipeline_replicas_equal_default(self):
+        result = self.train(pipeline_run(2, 2, "1f1b", devices_count=4))
+        self.assertSameTraining(result)
+        self.assertEqual(result.metrics["num_replicas"], 2)
+        self.assertLen(result.metrics["devices"], 4)
+
     def test_grad_accum_rounds_equal_default(self):
         result = self.train(pipeline_run(2, 2, "1f1b", grad_accum_steps=2))
         self.assertSameTraining(result)
@@ -168,7 +174,6 @@ class PipelineValidationTest(TestCase):
          "stage_boundaries"),
         ("wrong_boundary_count", dict(stages=2, microbatches=1, parallel=dict(stage_boundaries=(1, 2))),
          "stage_boundaries"),
-        ("replicated_pipelines", dict(stages=2, microbatches=1, devices_count=4), "not available yet"),
         ("devices_not_multiple", dict(stages=2, microbatches=1, devices_count=3), "one device per stage"),
         ("accum_times_microbatches_not_dividing", dict(stages=2, microbatches=4, grad_accum_steps=4),
          "grad_accum_steps"),
