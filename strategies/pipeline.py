@@ -20,6 +20,7 @@ update (central storage, as in tf.distribute's CentralStorageStrategy). With `re
 pass and recomputes its activations under the tape in the backward pass.
 """
 
+import time
 from typing import Dict, List, Optional, Sequence
 
 import keras
@@ -258,8 +259,23 @@ class PipelineAdapter(base.StrategyAdapter):
                 f"masks would differ from the forward pass). Received: dropout={run.model.dropout}, "
                 f"remat=True; accepted: dropout=0 or remat=False.")
 
+    def pipeline(self, model: keras.Model, grad_accum_steps: int = 1) -> keras.Model:
+        """A user's built `keras.Sequential` (or any model with ordered `layers`) as a pipeline.
+
+        Returns a model over the same layers whose `fit` runs the pipeline;
+        compile it as usual (its optimizer slots are placed on stage devices).
+        """
+        if not model.built:
+            raise ValueError(
+                "pipeline() needs a built model (its variables decide the stage cut). Received: "
+                f"an unbuilt {type(model).__name__}; accepted: a model after build() or a first call.")
+        return self._cut(PipelinedLayers(model.layers, self), grad_accum_steps)
+
     def prepare_model(self, model: keras.Model, run: config_lib.RunConfig) -> keras.Model:
         """Cuts `model.stack` into stages, moves their variables and installs the step."""
+        return self._cut(model, run.grad_accum_steps)
+
+    def _cut(self, model: keras.Model, grad_accum_steps: int) -> keras.Model:
         stack = list(model.stack)
         costs = [sum(int(v.numpy().size) for v in layer.trainable_variables) for layer in stack]
         if self.requested_boundaries:
@@ -286,11 +302,11 @@ class PipelineAdapter(base.StrategyAdapter):
                             for stage in stages]
         model.train_step_fn = PipelineStep(
             stages=stages, devices=self.stage_devices, num_microbatches=self.num_microbatches,
-            schedule=self.schedule, remat=self.remat, grad_accum_steps=run.grad_accum_steps,
+            schedule=self.schedule, remat=self.remat, grad_accum_steps=grad_accum_steps,
             replicas=self.num_replicas)
         return model
 
-    def prepare_optimizer(self, model: keras.Model, run: config_lib.RunConfig) -> None:
+    def prepare_optimizer(self, model: keras.Model, run: Optional[config_lib.RunConfig] = None) -> None:
         """Builds the optimizer with each slot on its variable's device.
 
         Keras asks the (default) strategy to colocate a slot with its variable,
@@ -311,6 +327,51 @@ class PipelineAdapter(base.StrategyAdapter):
     def per_device_param_bytes(self, model: keras.Model) -> List[int]:
         """Stage variables live on the first pipeline's devices; other replicas read them."""
         return list(self.stage_bytes) + [0] * (len(self.stage_devices) - self.num_stages)
+
+    def stage_busy_seconds(self, model: keras.Model, x, y, repeats: int = 3) -> List[float]:
+        """Seconds each stage of the first pipeline computes for one step, run alone.
+
+        Each stage's forward and backward over the step's micro-batches, one
+        after another (its inputs come from the stages before it), is compiled
+        and timed on its device with no other stage running: the busy time the
+        stage contributes to a step (the optimizer update is not included).
+        Measured efficiency is then sum(busy) / (K x step time).
+        """
+        step = model.train_step_fn
+        m = step.num_microbatches * step.grad_accum_steps
+        xs, ys = training.split_microbatches(x, m), training.split_microbatches(y, m)
+        states, seconds = list(xs), []
+        for s, device in enumerate(self.stage_devices[:self.num_stages]):
+            variables = [v for layer in step.stages[s] for v in layer.trainable_variables]
+            last = s == self.num_stages - 1
+
+            @tf.function
+            def work(inputs, s=s, variables=variables, last=last):
+                outputs, checksum = [], 0.0
+                with tf.device(device):
+                    for i, state in enumerate(inputs):
+                        # One micro-batch after another, as in the schedule (not in parallel).
+                        with tf.control_dependencies([checksum] if i else []), tf.GradientTape() as tape:
+                            tape.watch(_float_leaves(state))
+                            out = step._forward(s, state)  # pylint: disable=protected-access
+                            target = ([model.compute_loss(x=xs[i], y=ys[i], y_pred=out, training=True)]
+                                      if last else _float_leaves(out))
+                        grads = tape.gradient(target, _float_leaves(state) + variables,
+                                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                        checksum += tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])
+                        outputs.append(out)
+                return outputs, checksum
+
+            outputs, checksum = work(states)
+            float(checksum)  # traced and warm
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                float(work(states)[1])
+                best = min(best, time.perf_counter() - start)
+            seconds.append(best)
+            states = outputs
+        return seconds
 
     def schedule_estimate(self) -> Dict[str, float]:
         plans = schedule_lib.stage_events(self.schedule, self.num_stages, self.num_microbatches)
@@ -349,3 +410,32 @@ class PipelineAdapter(base.StrategyAdapter):
                     stages=[{"device": d, "layers": names, "params": p}
                             for d, names, p in zip(self.devices, self.stage_layers, self.stage_params)])
         return plan
+
+
+class PipelinedLayers(keras.Model):
+    """A user's ordered layers whose `fit` runs the pipeline step (see `PipelineAdapter.pipeline`)."""
+
+    def __init__(self, layers: Sequence[keras.layers.Layer], adapter: "PipelineAdapter", **kwargs):
+        super().__init__(**kwargs)
+        self.pipeline_layers = list(layers)
+        self.adapter = adapter
+        self.train_step_fn: Optional[PipelineStep] = None
+        self.running_loss = keras.metrics.Mean(name="loss")
+
+    @property
+    def stack(self) -> List[keras.layers.Layer]:
+        return self.pipeline_layers
+
+    def call(self, inputs, training=False):
+        for layer in self.pipeline_layers:
+            inputs = layer(inputs, training=training)
+        return inputs
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        self.adapter.prepare_optimizer(self)
+
+    def train_step(self, data):
+        x, y = data[0], data[1]
+        self.running_loss.update_state(self.train_step_fn(self, x, y))
+        return {"loss": self.running_loss.result()}

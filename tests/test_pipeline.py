@@ -1,6 +1,6 @@
 """Pipeline parallelism: stages on their devices, per-step losses equal to `default`."""
 
-from tests.testbase import TestCase, absltest, np, parameterized, tf, tiny_run
+from tests.testbase import TestCase, absltest, keras, np, parameterized, tf, tiny_run
 from tfpar import config as config_lib
 from tfpar import driver
 from tfpar import pipeline_schedule as schedule_lib
@@ -126,6 +126,34 @@ class PipelineEquivalenceTest(TestCase):
         self.assertEqual(result.metrics["stage_layers"],
                          [["embed", "encoder_0", "encoder_1"], ["decoder_0", "decoder_1", "head"]])
         self.assertSameTraining(result, "seq2seq", steps=3)
+
+
+class UserModelPipelineTest(TestCase):
+
+    def test_user_sequential_pipelined_equals_plain_fit(self):
+        def make():
+            keras.utils.set_random_seed(3)
+            return keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                                     keras.layers.Dense(16, activation="relu"),
+                                     keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(64, 6)).astype("float32")
+        y = np.sin(x).sum(axis=1, keepdims=True)
+        plain = make()
+        plain.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        expected = plain.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history["loss"]
+
+        adapter = strategies.get("pipeline", num_stages=2, num_microbatches=4, num_devices=2)
+        model = adapter.pipeline(make())
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        actual = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history["loss"]
+        np.testing.assert_allclose(actual, expected, rtol=1e-5)
+        self.assertLess(actual[-1], actual[0])
+        for a, b in zip(model.trainable_variables, plain.trainable_variables):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+        self.assertLen(adapter.stage_layers, 2)
+        used = {v.value.device.split(":")[-1] for v in model.trainable_variables}
+        self.assertEqual(used, {"0", "1"})
 
 
 class PipelinePlacementTest(TestCase):

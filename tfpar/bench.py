@@ -86,8 +86,6 @@ def plan_cells(base: config_lib.RunConfig):
                 k, m = _pipeline_shape(text)
                 add(f"pipeline K{k}xM{m}", _with(base, strategy="pipeline", num_virtual_devices=k,
                                                  pipeline_stages=k, num_microbatches=m))
-            # One device's own speed (one core's thread pool): the yardstick of pipeline efficiency.
-            add("default 1 thread", _with(base, strategy="default", num_virtual_devices=0), intra_op_threads=1)
     if FLAGS.scaling:
         single = _with(base, strategy="default", num_virtual_devices=0)
         for field, values in SCALING.items():

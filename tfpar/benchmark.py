@@ -81,8 +81,6 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Runs one benchmark cell in this process; `spec` is what tfpar/bench.py plans."""
     from tfpar import devices, driver, strategies  # pylint: disable=import-outside-toplevel
     run = config_from_dict(spec["run"])
-    if spec.get("intra_op_threads"):
-        tf.config.threading.set_intra_op_parallelism_threads(spec["intra_op_threads"])
     # plain Keras gets TF's default thread pools, as hand-written code would.
     concurrent = run.parallel.concurrent_devices if spec["impl"] == "tfpar" else 1
     devices.configure_virtual_devices(run.parallel.num_virtual_devices, concurrent)
@@ -92,8 +90,12 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         _plain_keras_fit(run, adapter, spec["steps"], timer)
         metrics = {"params": None, "per_device_param_bytes": None}
     else:
-        metrics = driver.train(run.replace(steps_per_epoch=spec["steps"], epochs=1, verbose=0),
-                               adapter=adapter, extra_callbacks=[timer]).metrics
+        result = driver.train(run.replace(steps_per_epoch=spec["steps"], epochs=1, verbose=0),
+                              adapter=adapter, extra_callbacks=[timer])
+        metrics = result.metrics
+        if run.parallel.strategy == "pipeline":
+            x, y = next(iter(data_lib.make_dataset_fn(run)(tf.distribute.InputContext())))
+            metrics["stage_busy_seconds"] = adapter.stage_busy_seconds(result.model, x, y)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result_from_metrics(spec, run, {**metrics, "step_end_seconds": timer.ends, "peak_rss_mb": peak_rss_mb})
 
@@ -112,6 +114,7 @@ def result_from_metrics(spec, run: config_lib.RunConfig, metrics) -> Dict[str, A
         "params": metrics.get("params"), "per_device_param_bytes": metrics.get("per_device_param_bytes"),
         "bubble_fraction_gpipe_bound": metrics.get("bubble_fraction_gpipe_bound"),
         "num_stages": run.parallel.pipeline_stages if run.parallel.strategy == "pipeline" else None,
+        "stage_busy_seconds": metrics.get("stage_busy_seconds"),
         "peak_rss_mb": metrics["peak_rss_mb"],
     }
 
@@ -162,6 +165,8 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
         rows[f"{label}/{impl}"] = {
             **{k: first[k] for k in ("label", "impl", "strategy", "devices", "workers", "scaling",
                                      "num_stages", "bubble_fraction_gpipe_bound")},
+            "stage_busy_seconds": ([statistics.median(t) for t in zip(*(r["stage_busy_seconds"] for r in group))]
+                                   if first.get("stage_busy_seconds") else None),
             "model_config": first["model_config"], "params": params,
             "step_seconds": step, "step_seconds_stdev": statistics.pstdev(windows) if len(windows) > 1 else 0.0,
             "windows": len(windows), "tokens_per_second": tokens_per_second,
@@ -173,10 +178,10 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
         plain = rows.get(f"{row['label']}/plain")
         row["tfpar_over_plain"] = (row["tokens_per_second"] / plain["tokens_per_second"]
                                    if plain and row["impl"] == "tfpar" else None)
-        one_thread = rows.get("default 1 thread/tfpar")
-        if row["num_stages"] and one_thread:
-            # Measured efficiency: throughput over K devices each as fast as one core.
-            efficiency = row["tokens_per_second"] / (row["num_stages"] * one_thread["tokens_per_second"])
+        busy = row.get("stage_busy_seconds")
+        if row["num_stages"] and busy:
+            # Measured efficiency: the stages' own busy time over K devices x the step time.
+            efficiency = sum(busy) / (row["num_stages"] * row["step_seconds"])
             row["pipeline_efficiency"] = efficiency
             row["bubble_fraction_measured"] = 1.0 - efficiency
             row["efficiency_over_gpipe_bound"] = efficiency / (1.0 - row["bubble_fraction_gpipe_bound"])
