@@ -235,7 +235,9 @@ def plot(rep: Dict[str, Any], path: str) -> None:
     for r in rep["rows"].values():
         if r["scaling"]:
             curves.setdefault(r["scaling"][0], []).append((r["scaling"][1], r["tokens_per_second"], r["peak_rss_mb"]))
-    fig, axes = plt.subplots(1, 2 + len(curves), figsize=(6 + 4 * (1 + len(curves)), 4))
+    pipeline = sorted((int(r["label"].split("xM")[1]), r) for r in rows if r.get("pipeline_efficiency") is not None)
+    extra = len(curves) + (1 if pipeline else 0)
+    fig, axes = plt.subplots(1, 2 + extra, figsize=(6 + 4 * (1 + extra), 4))
     names = [f"{r['label']}\n{r['impl']}" for r in rows]
     axes[0].bar(names, [r["tokens_per_second"] for r in rows])
     axes[0].set_ylabel("tokens/s")
@@ -252,6 +254,16 @@ def plot(rep: Dict[str, Any], path: str) -> None:
         twin = ax.twinx()
         twin.plot([p[0] for p in points], [p[2] for p in points], "s--", color="tab:red", label="peak RSS MB")
         twin.set_ylabel("peak RSS MB")
+    if pipeline:
+        ax = axes[-1]
+        micro = [m for m, _ in pipeline]
+        ax.plot(micro, [r["pipeline_efficiency"] for _, r in pipeline], "o-", label="measured")
+        ax.plot(micro, [1 - r["bubble_fraction_gpipe_bound"] for _, r in pipeline], "k--", label="GPipe bound")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("micro-batches M")
+        ax.set_ylabel("pipeline efficiency")
+        ax.set_ylim(0, 1)
+        ax.legend()
     fig.suptitle("tfpar-bench (" + rep["model_size"] + ")")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
