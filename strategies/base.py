@@ -90,6 +90,11 @@ class StrategyAdapter:
         """Strategy-specific keys for the metrics JSON."""
         return {}
 
+    def measured_metrics(self, model: keras.Model, batch_fn: Callable, step_seconds: float) -> Dict[str, object]:
+        """Metrics JSON keys measured after training; `batch_fn()` gives one global batch (x, y)."""
+        del model, batch_fn, step_seconds
+        return {}
+
     @classmethod
     def from_config(cls, parallel: config_lib.ParallelConfig) -> "StrategyAdapter":
         """Creates the adapter from the parallel part of a run config."""

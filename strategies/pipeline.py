@@ -373,6 +373,19 @@ class PipelineAdapter(base.StrategyAdapter):
             states = outputs
         return seconds
 
+    def measured_metrics(self, model: keras.Model, batch_fn, step_seconds: float) -> Dict[str, object]:
+        """The measured bubble: 1 - sum(stage busy seconds) / (K x step seconds)."""
+        if not step_seconds:
+            return {}
+        x, y = batch_fn()[:2]
+        per_replica = int(tf.nest.flatten(x)[0].shape[0]) // self.num_replicas
+        x, y = tf.nest.map_structure(lambda t: t[:per_replica], (x, y))
+        busy = self.stage_busy_seconds(model, x, y)
+        efficiency = sum(busy) / (self.num_stages * step_seconds)
+        return {"stage_busy_seconds": busy, "pipeline_efficiency": efficiency,
+                "bubble_fraction": 1.0 - efficiency,
+                "bubble_fraction_source": "measured: 1 - sum(stage busy seconds) / (K x step seconds)"}
+
     def schedule_estimate(self) -> Dict[str, float]:
         plans = schedule_lib.stage_events(self.schedule, self.num_stages, self.num_microbatches)
         return schedule_lib.simulate(plans)
@@ -384,6 +397,7 @@ class PipelineAdapter(base.StrategyAdapter):
             # stages, backward = 2 x forward); see BUILD_NOTES.md.
             "bubble_fraction": estimate["bubble_fraction"],
             "bubble_fraction_source": "schedule estimate (equal stages, B=2F), not measured",
+            "bubble_fraction_schedule": estimate["bubble_fraction"],
             "bubble_fraction_gpipe_bound": schedule_lib.gpipe_bubble_bound(
                 self.num_stages, self.num_microbatches),
             "pipeline_stages": self.num_stages,

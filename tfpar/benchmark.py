@@ -90,12 +90,8 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         _plain_keras_fit(run, adapter, spec["steps"], timer)
         metrics = {"params": None, "per_device_param_bytes": None}
     else:
-        result = driver.train(run.replace(steps_per_epoch=spec["steps"], epochs=1, verbose=0),
-                              adapter=adapter, extra_callbacks=[timer])
-        metrics = result.metrics
-        if run.parallel.strategy == "pipeline":
-            x, y = next(iter(data_lib.make_dataset_fn(run)(tf.distribute.InputContext())))
-            metrics["stage_busy_seconds"] = adapter.stage_busy_seconds(result.model, x, y)
+        metrics = driver.train(run.replace(steps_per_epoch=spec["steps"], epochs=1, verbose=0),
+                               adapter=adapter, extra_callbacks=[timer]).metrics
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result_from_metrics(spec, run, {**metrics, "step_end_seconds": timer.ends, "peak_rss_mb": peak_rss_mb})
 
