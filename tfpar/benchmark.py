@@ -16,19 +16,11 @@ from typing import Any, Dict, List
 import keras
 import tensorflow as tf
 
+from tfpar import callbacks as callbacks_lib
 from tfpar import config as config_lib
 from tfpar import data as data_lib
 from tfpar import modeling
 from tfpar import training
-
-
-class StepTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.ends: List[float] = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.ends.append(time.perf_counter())
 
 
 def window_rates(ends: List[float], warmup: int, window: int) -> List[float]:
@@ -58,7 +50,7 @@ def model_flops_per_token(cfg: config_lib.ModelConfig, params: int) -> float:
     return 6 * params + 12 * cfg.num_layers * cfg.seq_len * cfg.d_model
 
 
-def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int, timer: StepTimer) -> None:
+def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int) -> List[float]:
     """The same model as plain Keras: functional, Keras's train_step, Keras's data path."""
     from tfpar import models  # pylint: disable=import-outside-toplevel
     keras.utils.set_random_seed(run.seed)
@@ -74,7 +66,9 @@ def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int, timer: Step
             warmup_steps=run.warmup_steps, weight_decay=run.weight_decay)
         model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=run.jit_compile)
     dataset = data_lib.make_dataset_fn(run)(tf.distribute.InputContext())
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[timer], verbose=0)
+    recorder = callbacks_lib.StepRecorder(tokens_per_step=0)
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[recorder], verbose=0)
+    return recorder.step_ends
 
 
 def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -85,15 +79,14 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     concurrent = run.parallel.concurrent_devices if spec["impl"] == "tfpar" else 1
     devices.configure_virtual_devices(run.parallel.num_virtual_devices, concurrent)
     adapter = strategies.from_config(run.parallel)
-    timer = StepTimer()
     if spec["impl"] == "plain":
-        _plain_keras_fit(run, adapter, spec["steps"], timer)
-        metrics = {"params": None, "per_device_param_bytes": None}
+        metrics = {"params": None, "per_device_param_bytes": None,
+                   "step_end_seconds": _plain_keras_fit(run, adapter, spec["steps"]),
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     else:
         metrics = driver.train(run.replace(steps_per_epoch=spec["steps"], epochs=1, verbose=0),
-                               adapter=adapter, extra_callbacks=[timer]).metrics
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result_from_metrics(spec, run, {**metrics, "step_end_seconds": timer.ends, "peak_rss_mb": peak_rss_mb})
+                               adapter=adapter).metrics
+    return result_from_metrics(spec, run, metrics)
 
 
 def result_from_metrics(spec, run: config_lib.RunConfig, metrics) -> Dict[str, Any]:

@@ -72,14 +72,16 @@ class TrainingScalars(keras.callbacks.Callback):
         self.accelerators = [f"{s.device_type}:{s.device_index or 0}" for s in specs
                              if s.device_type in ("GPU", "TPU")]
         self.every_steps = every_steps
+        self.step = 0
         self.window_start: Optional[float] = None
 
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.window_start is None:
-            self.window_start = time.perf_counter()
+    def on_train_begin(self, logs=None):
+        self.step = int(self.model.optimizer.iterations.numpy())  # a resumed run starts past 0
+        self.window_start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
+        self.step += 1  # no host read of the step counter on every step
+        step = self.step
         if step % self.every_steps:
             return
         now = time.perf_counter()

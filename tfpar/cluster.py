@@ -129,6 +129,13 @@ def tf_config_for(hosts: Sequence[str], index: int, task_type: str = "worker") -
     return text
 
 
+def local_cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def free_loopback_ports(n: int) -> List[int]:
     """`n` distinct TCP ports free on 127.0.0.1 (held together while chosen)."""
     sockets = []

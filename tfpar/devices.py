@@ -1,9 +1,10 @@
 """Virtual devices: split the CPU (or a GPU) into N logical devices."""
 
-import os
 from typing import List, Sequence
 
 import tensorflow as tf
+
+from tfpar import cluster
 
 # Memory cap per logical GPU when a physical GPU is split.
 _GPU_SLICE_MB = 2048
@@ -49,8 +50,8 @@ def configure_virtual_devices(num_devices: int, concurrent_devices: int = 1) -> 
                     f"Received: num_virtual_devices={num_devices}.") from None
         if (kind == "CPU" and concurrent_devices > 1
                 and tf.config.threading.get_intra_op_parallelism_threads() == 0):
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, (cores or 1) // concurrent_devices))
+            tf.config.threading.set_intra_op_parallelism_threads(
+                max(1, cluster.local_cores() // concurrent_devices))
     return [d.name for d in tf.config.list_logical_devices(kind)]
 
 

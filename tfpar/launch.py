@@ -182,8 +182,7 @@ def local_launcher(num_workers: int, train_flags: Sequence[str], *, commands=Non
                 "PYTHONUNBUFFERED": "1"}
     # N workers on one host share its cores: each gets its share of TF's
     # intra-op pool unless the user chose (as for virtual devices, BUILD_NOTES.md).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    base_env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cores // num_workers)))
+    base_env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cluster_lib.local_cores() // num_workers)))
     envs = [{**base_env, "TF_CONFIG": cluster_lib.tf_config_for(hosts, i)}
             for i in range(num_workers)]
     commands = commands or [worker_command(train_flags)] * num_workers
