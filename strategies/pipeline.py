@@ -206,17 +206,22 @@ class PipelineAdapter(base.StrategyAdapter):
         return list(self.stage_bytes) + [0] * (len(self.stage_devices) - self.num_stages)
 
     def measured_metrics(self, model: keras.Model, batch_fn, step_seconds: float) -> Dict[str, object]:
-        """The measured bubble: 1 - sum(stage busy seconds) / (K x step seconds)."""
+        """The measured bubble (profiler trace) and the stages' isolated compute time."""
         if not step_seconds:
             return {}
         x, y = batch_fn()[:2]
+        step = model.train_step_fn
+        busy, traced_step = step.traced_busy_seconds(model, x, y)
+        efficiency = sum(busy) / (len(busy) * traced_step)
         per_replica = int(tf.nest.flatten(x)[0].shape[0]) // self.num_replicas
         x, y = tf.nest.map_structure(lambda t: t[:per_replica], (x, y))
-        busy = model.train_step_fn.busy_seconds(model, x, y)
-        efficiency = sum(busy) / (self.num_stages * step_seconds)
-        return {"stage_busy_seconds": busy, "pipeline_efficiency": efficiency,
-                "bubble_fraction": 1.0 - efficiency,
-                "bubble_fraction_source": "measured: 1 - sum(stage busy seconds) / (K x step seconds)"}
+        compute = step.isolated_compute_seconds(model, x, y)
+        return {"stage_busy_seconds": busy, "traced_step_seconds": traced_step,
+                "pipeline_efficiency": efficiency, "bubble_fraction": 1.0 - efficiency,
+                "bubble_fraction_source": ("measured: 1 - sum(device busy seconds) / (devices x step "
+                                           "seconds), from a profiler trace of 3 steps"),
+                "stage_compute_seconds": compute,
+                "compute_efficiency": sum(compute) / (self.num_stages * step_seconds)}
 
     def schedule_estimate(self) -> Dict[str, float]:
         plans = schedule_lib.stage_events(self.schedule, self.num_stages, self.num_microbatches)

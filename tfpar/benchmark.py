@@ -104,6 +104,8 @@ def result_from_metrics(spec, run: config_lib.RunConfig, metrics) -> Dict[str, A
         "bubble_fraction_gpipe_bound": metrics.get("bubble_fraction_gpipe_bound"),
         "num_stages": run.parallel.pipeline_stages if run.parallel.strategy == "pipeline" else None,
         "stage_busy_seconds": metrics.get("stage_busy_seconds"),
+        "pipeline_efficiency": metrics.get("pipeline_efficiency"),
+        "stage_compute_seconds": metrics.get("stage_compute_seconds"),
         "peak_rss_mb": metrics["peak_rss_mb"],
     }
 
@@ -154,8 +156,10 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
         rows[f"{label}/{impl}"] = {
             **{k: first[k] for k in ("label", "impl", "strategy", "devices", "workers", "scaling",
                                      "num_stages", "bubble_fraction_gpipe_bound")},
-            "stage_busy_seconds": ([statistics.median(t) for t in zip(*(r["stage_busy_seconds"] for r in group))]
-                                   if first.get("stage_busy_seconds") else None),
+            **{key: ([statistics.median(t) for t in zip(*(r[key] for r in group))] if first.get(key) else None)
+               for key in ("stage_busy_seconds", "stage_compute_seconds")},
+            "pipeline_efficiency": (statistics.median(r["pipeline_efficiency"] for r in group)
+                                    if first.get("pipeline_efficiency") is not None else None),
             "model_config": first["model_config"], "params": params,
             "step_seconds": step, "step_seconds_stdev": statistics.pstdev(windows) if len(windows) > 1 else 0.0,
             "windows": len(windows), "tokens_per_second": tokens_per_second,
@@ -167,13 +171,13 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
         plain = rows.get(f"{row['label']}/plain")
         row["tfpar_over_plain"] = (row["tokens_per_second"] / plain["tokens_per_second"]
                                    if plain and row["impl"] == "tfpar" else None)
-        busy = row.get("stage_busy_seconds")
-        if row["num_stages"] and busy:
-            # Measured efficiency: the stages' own busy time over K devices x the step time.
-            efficiency = sum(busy) / (row["num_stages"] * row["step_seconds"])
-            row["pipeline_efficiency"] = efficiency
-            row["bubble_fraction_measured"] = 1.0 - efficiency
-            row["efficiency_over_gpipe_bound"] = efficiency / (1.0 - row["bubble_fraction_gpipe_bound"])
+        if row["num_stages"] and row["pipeline_efficiency"] is not None:
+            # Measured efficiency (profiler trace): sum of device busy time over devices x step time.
+            row["bubble_fraction_measured"] = 1.0 - row["pipeline_efficiency"]
+            row["efficiency_over_gpipe_bound"] = row["pipeline_efficiency"] / (1.0 - row["bubble_fraction_gpipe_bound"])
+            # Against the stages' compute run alone: also counts their slowdown on shared cores.
+            row["compute_efficiency"] = (sum(row["stage_compute_seconds"]) /
+                                         (row["num_stages"] * row["step_seconds"]))
     return {"rows": rows, "matmul_peak_flops": peak, "peak_dtype": dtype.name,
             "global_batch_size": base.data.global_batch_size, "model_size": base.model.size,
             "jit_compile": base.jit_compile, "mixed_precision": base.mixed_precision}
@@ -204,6 +208,16 @@ def markdown(rep: Dict[str, Any]) -> str:
     for label, error in rep.get("plain_failures", {}).items():
         lines.append(f"| {label} | plain | fails: {error.split('failed: ')[-1][:120]} | | | | | | |")
     text = "\n".join(lines)
+    pipeline = [r for r in rep["rows"].values() if r.get("efficiency_over_gpipe_bound") is not None]
+    if pipeline:
+        text += ("\n\n| pipeline | ms/step | device busy ms (trace) | efficiency | GPipe bound | "
+                 "efficiency / bound | stage compute ms (alone) | compute-only efficiency |\n"
+                 "|---|---|---|---|---|---|---|---|\n")
+        text += "\n".join(
+            f"| {r['label']} | {1000 * r['step_seconds']:.0f} | {', '.join(f'{1000 * b:.0f}' for b in r['stage_busy_seconds'])} "
+            f"| {r['pipeline_efficiency']:.2f} | {1 - r['bubble_fraction_gpipe_bound']:.2f} "
+            f"| {r['efficiency_over_gpipe_bound']:.2f} | {', '.join(f'{1000 * c:.0f}' for c in r['stage_compute_seconds'])} "
+            f"| {r['compute_efficiency']:.2f} |" for r in pipeline)
     if len(scaling) > 2:
         text += "\n\n" + "\n".join(scaling)
     return (text + f"\n\nmodel {rep['model_size']}, global batch {rep['global_batch_size']}, "
@@ -246,7 +260,8 @@ def plot(rep: Dict[str, Any], path: str) -> None:
     if pipeline:
         ax = axes[-1]
         micro = [m for m, _ in pipeline]
-        ax.plot(micro, [r["pipeline_efficiency"] for _, r in pipeline], "o-", label="measured")
+        ax.plot(micro, [r["pipeline_efficiency"] for _, r in pipeline], "o-", label="measured (trace)")
+        ax.plot(micro, [r["compute_efficiency"] for _, r in pipeline], "s:", label="vs stages' compute alone")
         ax.plot(micro, [1 - r["bubble_fraction_gpipe_bound"] for _, r in pipeline], "k--", label="GPipe bound")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("micro-batches M")

@@ -15,7 +15,11 @@ import keras
 import tensorflow as tf
 
 from tfpar import pipeline_schedule as schedule_lib
+from tfpar import trace
 from tfpar import training
+
+# The name scope of a pipeline event's ops (TF appends _N to repeated scopes).
+_EVENT_SCOPE = r"pipeline/(stage_\d+_replica_\d+)(?:_\d+)?/"
 
 
 def _float_leaves(state) -> List[tf.Tensor]:
@@ -71,7 +75,7 @@ class PipelineStep:
             for s, (kind, mb) in self.order:
                 for replica in range(r):
                     mb_id = replica * m * a + round_start + mb
-                    with tf.name_scope(f"pipeline/stage_{s}"), \
+                    with tf.name_scope(f"pipeline/stage_{s}_replica_{replica}"), \
                             tf.device(self.devices[replica * k + s]), \
                             tf.control_dependencies(last.get((replica, s), [])):
                         if kind == "F":
@@ -137,39 +141,38 @@ class PipelineStep:
             grads[s] = [a + g for a, g in zip(grads[s], var_grads)]
         return [*in_grads[(s, mb)], *grads[s]]
 
-    def busy_seconds(self, model: keras.Model, x, y, repeats: int = 3) -> List[float]:
+    def traced_busy_seconds(self, model: keras.Model, x, y, steps: int = 3):
+        """Per-device busy seconds of one step and the step's seconds, from a profiler trace.
+
+        A device is busy while at least one op of its stage's events runs; the
+        rest of the step (bubble, optimizer update, copies) is its idle time.
+        The traced steps' updates are undone afterwards.
+        """
+        step = tf.function(lambda: self(model, x, y))
+        variables = list(model.variables) + list(model.optimizer.variables)
+        saved = [v.numpy() for v in variables]
+        float(step())  # traced and warm
+        busy, wall = trace.traced_busy_seconds(lambda: float(step()), _EVENT_SCOPE, steps)
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+        k = len(self.stages)
+        return [busy.get(f"stage_{d % k}_replica_{d // k}", 0.0) for d in range(len(self.devices))], wall
+
+    def isolated_compute_seconds(self, model: keras.Model, x, y, repeats: int = 3) -> List[float]:
         """Seconds each stage of the first pipeline computes for one step, run alone.
 
         Each stage's forward and backward over the step's micro-batches, one
         after another (its inputs come from the stages before it), is compiled
-        and timed on its device with no other stage running: the busy time the
-        stage contributes to a step (the optimizer update is not included).
-        Measured efficiency is then sum(busy) / (K x step time).
+        and timed on its device with no other stage running. Unlike the traced
+        busy time, this leaves out the slowdown of stages that share cores
+        (virtual CPU devices): sum(compute) / (K x step time) is the step's
+        efficiency against the stages' compute alone.
         """
         m = self.num_microbatches * self.grad_accum_steps
         xs, ys = training.split_microbatches(x, m), training.split_microbatches(y, m)
         states, seconds = list(xs), []
         for s, device in enumerate(self.devices[:len(self.stages)]):
-            variables = [v for layer in self.stages[s] for v in layer.trainable_variables]
-            last = s == len(self.stages) - 1
-
-            @tf.function
-            def work(inputs, s=s, device=device, variables=variables, last=last):
-                outputs, checksum = [], 0.0
-                with tf.device(device):
-                    for i, state in enumerate(inputs):
-                        # One micro-batch after another, as in the schedule (not in parallel).
-                        with tf.control_dependencies([checksum] if i else []), tf.GradientTape() as tape:
-                            tape.watch(_float_leaves(state))
-                            out = self._forward(s, state)
-                            target = ([model.compute_loss(x=xs[i], y=ys[i], y_pred=out, training=True)]
-                                      if last else _float_leaves(out))
-                        grads = tape.gradient(target, _float_leaves(state) + variables,
-                                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                        checksum += tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])
-                        outputs.append(out)
-                return outputs, checksum
-
+            work = self._stage_work(model, s, device, xs, ys)
             outputs, checksum = work(states)
             float(checksum)  # traced and warm
             best = float("inf")
@@ -180,3 +183,28 @@ class PipelineStep:
             seconds.append(best)
             states = outputs
         return seconds
+
+    def _stage_work(self, model: keras.Model, s: int, device: str, xs, ys):
+        """A tf.function: stage `s`'s forward and backward over `xs`, one micro-batch after another."""
+        # The variables are closed over, not passed as arguments: tf.function
+        # would turn Keras variables given as arguments into tensors the tape
+        # does not watch, and their gradients would silently be zero.
+        variables = [v for layer in self.stages[s] for v in layer.trainable_variables]
+        last = s == len(self.stages) - 1
+
+        @tf.function
+        def work(inputs):
+            outputs, checksum = [], 0.0
+            with tf.device(device):
+                for i, state in enumerate(inputs):
+                    with tf.control_dependencies([checksum] if i else []), tf.GradientTape() as tape:
+                        tape.watch(_float_leaves(state))
+                        out = self._forward(s, state)
+                        target = ([model.compute_loss(x=xs[i], y=ys[i], y_pred=out, training=True)]
+                                  if last else _float_leaves(out))
+                    grads = tape.gradient(target, _float_leaves(state) + variables,
+                                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                    checksum += tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])
+                    outputs.append(out)
+            return outputs, checksum
+        return work

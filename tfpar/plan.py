@@ -26,7 +26,8 @@ def activation_bytes(run: config_lib.RunConfig, batch: int) -> int:
 def make_plan(run: config_lib.RunConfig, adapter, model) -> Dict[str, Any]:
     params = modeling.count_params(model)
     per_replica = run.data.global_batch_size // adapter.num_replicas
-    micro = per_replica // run.grad_accum_steps
+    # A pipeline splits each accumulation round into M micro-batches.
+    micro = per_replica // run.grad_accum_steps // getattr(adapter, "num_microbatches", 1)
     param_bytes = adapter.per_device_param_bytes(model)
     slots = _OPTIMIZER_SLOTS[run.optimizer]
     return {
@@ -38,7 +39,7 @@ def make_plan(run: config_lib.RunConfig, adapter, model) -> Dict[str, Any]:
         "global_batch_size": run.data.global_batch_size,
         "per_replica_batch_size": per_replica,
         "micro_batch_size": micro,
-        "estimated_activation_bytes_per_replica": activation_bytes(run, micro),
+        "estimated_activation_bytes_per_replica": activation_bytes(run, per_replica // run.grad_accum_steps),
         "steps": run.total_steps,
         "precision": run.mixed_precision,
     }
