@@ -1,5 +1,6 @@
 """Virtual devices: split the CPU (or a GPU) into N logical devices."""
 
+import os
 from typing import List, Sequence
 
 import tensorflow as tf
@@ -48,8 +49,9 @@ def configure_virtual_devices(num_devices: int, concurrent_devices: int = 1) -> 
                     f"--num_virtual_devices: TensorFlow already initialized {current} "
                     f"{kind} device(s); virtual devices can be set only before that. "
                     f"Received: num_virtual_devices={num_devices}.") from None
-        if (kind == "CPU" and concurrent_devices > 1
-                and tf.config.threading.get_intra_op_parallelism_threads() == 0):
+        user_set = (tf.config.threading.get_intra_op_parallelism_threads() != 0
+                    or "TF_NUM_INTRAOP_THREADS" in os.environ)
+        if kind == "CPU" and concurrent_devices > 1 and not user_set:
             tf.config.threading.set_intra_op_parallelism_threads(
                 max(1, cluster.local_cores() // concurrent_devices))
     return [d.name for d in tf.config.list_logical_devices(kind)]
