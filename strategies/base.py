@@ -91,7 +91,10 @@ class StrategyAdapter:
         return {}
 
     def measured_metrics(self, model: keras.Model, batch_fn: Callable, step_seconds: float) -> Dict[str, object]:
-        """Metrics JSON keys measured after training; `batch_fn()` gives one global batch (x, y)."""
+        """Metrics JSON keys measured after training; `batch_fn()` gives one global batch (x, y).
+
+        Called only when a metrics JSON is written (the measurement takes extra steps).
+        """
         del model, batch_fn, step_seconds
         return {}
 

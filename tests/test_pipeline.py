@@ -1,5 +1,6 @@
 """Pipeline parallelism: stages on their devices, per-step losses equal to `default`."""
 
+import os
 import re
 
 from tests.testbase import TestCase, absltest, keras, np, parameterized, reset_devices, tf, tiny_run
@@ -90,7 +91,10 @@ class PipelineEquivalenceTest(TestCase):
         ("k4_m2_gpipe", 4, 2, "gpipe"),
         ("k4_m8_1f1b", 4, 8, "1f1b"))
     def test_pipeline_equals_default(self, stages, microbatches, schedule):
-        result = self.train(pipeline_run(stages, microbatches, schedule))
+        # A metrics JSON turns on the measured bubble (it costs extra steps): in one case here.
+        measured = stages == 2 and microbatches == 1
+        json_path = os.path.join(self.create_tempdir(), "metrics.json") if measured else None
+        result = self.train(pipeline_run(stages, microbatches, schedule, metrics_json=json_path))
         self.assertSameTraining(result)
         metrics = result.metrics
         self.assertEqual(metrics["pipeline_stages"], stages)
@@ -99,10 +103,12 @@ class PipelineEquivalenceTest(TestCase):
         self.assertLen(metrics["per_device_param_bytes"], stages)
         self.assertEqual(sum(metrics["per_device_param_bytes"]), metrics["params"] * 4)
         self.assertAlmostEqual(metrics["bubble_fraction_schedule"], (stages - 1) / (microbatches + stages - 1))
-        self.assertStartsWith(metrics["bubble_fraction_source"], "measured")
-        self.assertBusyTraced(metrics, stages)
-        if stages == 2 and microbatches == 1:
+        if measured:
+            self.assertStartsWith(metrics["bubble_fraction_source"], "measured")
+            self.assertBusyTraced(metrics, stages)
             self.assertIsolatedWorkHasGradients(result.model)
+        else:
+            self.assertStartsWith(metrics["bubble_fraction_source"], "schedule estimate")
 
     def assertBusyTraced(self, metrics, devices):
         """Every device was busy for part of the traced step, and the bubble is a fraction."""
@@ -137,7 +143,8 @@ class PipelineEquivalenceTest(TestCase):
         self.assertSameTraining(result)
 
     def test_two_pipeline_replicas_equal_default(self):
-        result = self.train(pipeline_run(2, 2, "1f1b", devices_count=4))
+        result = self.train(pipeline_run(2, 2, "1f1b", devices_count=4,
+                                         metrics_json=os.path.join(self.create_tempdir(), "metrics.json")))
         self.assertSameTraining(result)
         self.assertEqual(result.metrics["num_replicas"], 2)
         self.assertLen(result.metrics["devices"], 4)

@@ -8,8 +8,10 @@ tfpar/bench.py) so that one cell's TF state cannot slow or break the next.
 """
 
 import dataclasses
+import os
 import resource
 import statistics
+import tempfile
 import time
 from typing import Any, Dict, List
 
@@ -84,8 +86,10 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
                    "step_end_seconds": _plain_keras_fit(run, adapter, spec["steps"]),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     else:
-        metrics = driver.train(run.replace(steps_per_epoch=spec["steps"], epochs=1, verbose=0),
-                               adapter=adapter).metrics
+        with tempfile.TemporaryDirectory() as tmp:  # a metrics JSON turns on the measured metrics
+            metrics = driver.train(run.replace(steps_per_epoch=spec["steps"], epochs=1, verbose=0,
+                                               metrics_json=os.path.join(tmp, "metrics.json")),
+                                   adapter=adapter).metrics
     return result_from_metrics(spec, run, metrics)
 
 

@@ -127,9 +127,10 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
         if run.export_dir and adapter.is_chief:
             export_lib.export(model, run.export_dir)
         metrics = collect_metrics(run, adapter, model, recorder, wall)
-        metrics.update(adapter.measured_metrics(
-            model, lambda: next(iter(data_lib.make_dataset_fn(run)(tf.distribute.InputContext()))),
-            recorder.step_seconds))
+        if run.metrics_json:  # measured after training (seconds of work), for the JSON only
+            metrics.update(adapter.measured_metrics(
+                model, lambda: next(iter(data_lib.make_dataset_fn(run)(tf.distribute.InputContext()))),
+                recorder.step_seconds))
         metrics["resumed_from_step"] = start_step
         if run.metrics_json and adapter.is_chief:
             write_json(run.metrics_json, metrics)
