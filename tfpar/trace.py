@@ -16,8 +16,6 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import tensorflow as tf
-# The trace's protocol buffer (the profiler writes no other readable format).
-from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 _STEP_EVENT = "tfpar_traced_step"
 Interval = Tuple[int, int]
@@ -37,6 +35,9 @@ def _union_length(intervals: List[Interval]) -> int:
 
 def _read_events(log_dir: str, group_pattern: re.Pattern):
     """(step intervals, {group: op intervals}) in picoseconds from the trace under `log_dir`."""
+    # The trace's protocol buffer (the profiler writes no other readable format);
+    # imported here so that TF builds without it still import tfpar.
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=import-outside-toplevel
     steps: List[Interval] = []
     groups: Dict[str, List[Interval]] = collections.defaultdict(list)
     for path in glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.xplane.pb")):
