@@ -122,8 +122,9 @@ def train_flags(run: config_lib.RunConfig, steps: int) -> List[str]:
             f"--global_batch_size={run.data.global_batch_size}", f"--steps_per_epoch={steps}",
             "--epochs=1", f"--optimizer={run.optimizer}", f"--learning_rate={run.learning_rate}",
             f"--mixed_precision={run.mixed_precision}", f"--grad_accum_steps={run.grad_accum_steps}",
-            f"--jit_compile={run.jit_compile}", f"--seed={run.seed}", f"--data_dir={run.data.data_dir or ''}",
-            f"--dataset={run.data.dataset}", "--verbose=0"]
+            f"--jit_compile={run.jit_compile}", f"--seed={run.seed}",
+            f"--dataset={run.data.dataset}", "--verbose=0"] + (
+                [f"--data_dir={run.data.data_dir}"] if run.data.data_dir else [])
 
 
 def config_from_dict(d: Dict[str, Any]) -> config_lib.RunConfig:

@@ -78,7 +78,7 @@ def config_from_flags() -> config_lib.RunConfig:
     model = config_lib.model_config(FLAGS.model, FLAGS.model_size, seq_len=FLAGS.seq_len,
                                     dropout=FLAGS.dropout)
     data = config_lib.DataConfig(
-        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, global_batch_size=FLAGS.global_batch_size,
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir or None, global_batch_size=FLAGS.global_batch_size,
         seq_len=model.seq_len, seed=FLAGS.seed)
     num_virtual_devices = FLAGS.num_virtual_devices
     if FLAGS.strategy == "multi_worker" and not FLAGS["num_virtual_devices"].present:
