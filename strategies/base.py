@@ -22,6 +22,8 @@ class StrategyAdapter:
     """
 
     name = "base"
+    # Micro-batches each replica's batch (or accumulation round) is split into per step.
+    num_microbatches = 1
 
     def __init__(self):
         self.strategy: Optional[tf.distribute.Strategy] = None

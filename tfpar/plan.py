@@ -26,8 +26,7 @@ def activation_bytes(run: config_lib.RunConfig, batch: int) -> int:
 def make_plan(run: config_lib.RunConfig, adapter, model) -> Dict[str, Any]:
     params = modeling.count_params(model)
     per_replica = run.data.global_batch_size // adapter.num_replicas
-    # A pipeline splits each accumulation round into M micro-batches.
-    micro = per_replica // run.grad_accum_steps // getattr(adapter, "num_microbatches", 1)
+    micro = per_replica // run.grad_accum_steps // adapter.num_microbatches
     param_bytes = adapter.per_device_param_bytes(model)
     slots = _OPTIMIZER_SLOTS[run.optimizer]
     return {
