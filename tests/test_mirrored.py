@@ -43,10 +43,11 @@ class GradientAccumulationTest(TestCase):
 
     # Adam divides by sqrt(v): for near-zero gradients the float rounding of a
     # sum in another order moves a weight by a few percent of one step (lr 2e-3).
-    @parameterized.product(
-        (dict(strategy="default", devices_count=0), dict(strategy="mirrored", devices_count=2)),
-        (dict(optimizer="sgd", learning_rate=0.3, atol=1e-6),
-         dict(optimizer="adamw", learning_rate=2e-3, atol=5e-5)))
+    # Default and mirrored share the accumulation code; SGD (tight) runs under mirrored only.
+    @parameterized.parameters(
+        dict(strategy="default", devices_count=0, optimizer="adamw", learning_rate=2e-3, atol=5e-5),
+        dict(strategy="mirrored", devices_count=2, optimizer="sgd", learning_rate=0.3, atol=1e-6),
+        dict(strategy="mirrored", devices_count=2, optimizer="adamw", learning_rate=2e-3, atol=5e-5))
     def test_accumulation_equals_full_batch(self, strategy, devices_count, optimizer, learning_rate, atol):
         kwargs = dict(devices_count=devices_count, optimizer=optimizer, learning_rate=learning_rate)
         full = self.train(tiny_run(strategy, **kwargs))
