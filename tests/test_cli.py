@@ -33,6 +33,8 @@ class TrainCliTest(TestCase):
         self.assertGreater(metrics["tokens_per_second"], 0)
         for name in ("final.weights.h5", "config.json", "checkpoints/epoch_002.weights.h5"):
             self.assertTrue(os.path.exists(os.path.join(model_dir, name)), name)
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.assertIs(json.load(f)["jit_compile"], True)  # XLA by default under mirrored
         scalars = {}
         for event_file in tf.io.gfile.glob(os.path.join(model_dir, "logs", "steps", "events.*")):
             for event in tf.compat.v1.train.summary_iterator(event_file):
@@ -48,6 +50,18 @@ class TrainCliTest(TestCase):
         self.assertEqual(sample.returncode, 0, sample.stderr[-3000:])
         self.assertTrue(sample.stdout.startswith("The "))
         self.assertGreater(len(sample.stdout.rstrip("\n")), len("The "))
+
+    def test_xla_by_default_only_where_it_is_supported_and_faster(self):
+        from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+        from tfpar import train as train_cli  # pylint: disable=import-outside-toplevel
+        expected = {"default": True, "mirrored": True, "multi_worker": True, "dtensor": False, "pipeline": False}
+        for strategy, jit in expected.items():
+            with flagsaver.flagsaver(strategy=strategy):
+                self.assertIs(train_cli.config_from_flags().jit_compile, jit, strategy)
+        with flagsaver.flagsaver(strategy="mirrored", mixed_precision="mixed_bfloat16"):
+            self.assertIs(train_cli.config_from_flags().jit_compile, False)  # measured slower on CPU
+        with flagsaver.flagsaver(strategy="mirrored", jit_compile=False):
+            self.assertIs(train_cli.config_from_flags().jit_compile, False)
 
     def test_generate_without_a_model_is_one_line(self):
         result = run_cli("tfpar.generate", "--model_dir=/no/such/dir", timeout=60)

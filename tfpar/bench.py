@@ -136,6 +136,9 @@ def main(argv):
         for impl in FLAGS.impls:
             config_lib.choice("impls", impl, ("tfpar", "plain"))
         base = train_cli.config_from_flags().replace(model_dir=None, metrics_json=None, verbose=0)
+        # Cells compare like for like, XLA only when asked (plain Keras + XLA fails under
+        # MirroredStrategy, and a cell's strategy is not --strategy's).
+        base = base.replace(jit_compile=bool(FLAGS.jit_compile))
         cells = plan_cells(base)
     except ValueError as e:
         train_cli.fail(str(e))

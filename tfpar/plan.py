@@ -41,6 +41,7 @@ def make_plan(run: config_lib.RunConfig, adapter, model) -> Dict[str, Any]:
         "estimated_activation_bytes_per_replica": activation_bytes(run, per_replica // run.grad_accum_steps),
         "steps": run.total_steps,
         "precision": run.mixed_precision,
+        "jit_compile": run.jit_compile,
     }
 
 

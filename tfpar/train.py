@@ -47,7 +47,9 @@ flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay.")
 flags.DEFINE_float("dropout", 0.0, "Dropout rate.")
 flags.DEFINE_string("mixed_precision", "float32", f"Precision policy: {', '.join(config_lib.PRECISIONS)}.")
 flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches whose gradients are summed per step.")
-flags.DEFINE_bool("jit_compile", False, "Compile the gradient computation with XLA.")
+flags.DEFINE_bool("jit_compile", None, "Compile with XLA: the whole step without a strategy, the gradient "
+                  "computation under one (default: on in float32 under default, mirrored and "
+                  "multi_worker; dtensor and pipeline do not support it).")
 flags.DEFINE_string("dataset", "builtin", "builtin, text:PATH or tfds:NAME.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 flags.DEFINE_string("model_dir", None, "Checkpoints, backup, TensorBoard logs and final weights.")
@@ -95,7 +97,9 @@ def config_from_flags() -> config_lib.RunConfig:
         learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
         weight_decay=FLAGS.weight_decay, steps_per_epoch=FLAGS.steps_per_epoch, epochs=FLAGS.epochs,
         mixed_precision=FLAGS.mixed_precision, grad_accum_steps=FLAGS.grad_accum_steps,
-        jit_compile=FLAGS.jit_compile, model_dir=FLAGS.model_dir,
+        jit_compile=(config_lib.default_jit_compile(FLAGS.strategy, FLAGS.mixed_precision)
+                     if FLAGS.jit_compile is None
+                     else FLAGS.jit_compile), model_dir=FLAGS.model_dir,
         backup_every_steps=FLAGS.backup_every_steps, metrics_json=FLAGS.metrics_json,
         export_dir=FLAGS.export_dir, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
         plan_only=FLAGS.plan_only, profile_steps=_int_list("profile_steps", FLAGS.profile_steps), verbose=FLAGS.verbose)
