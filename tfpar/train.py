@@ -83,6 +83,9 @@ def config_from_flags() -> config_lib.RunConfig:
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir or None, global_batch_size=FLAGS.global_batch_size,
         seq_len=model.seq_len, seed=FLAGS.seed)
     num_virtual_devices = FLAGS.num_virtual_devices
+    jit_compile = FLAGS.jit_compile
+    if jit_compile is None:  # not given: XLA where it was measured faster
+        jit_compile = config_lib.default_jit_compile(FLAGS.strategy, FLAGS.mixed_precision)
     if FLAGS.strategy == "multi_worker" and not FLAGS["num_virtual_devices"].present:
         num_virtual_devices = 0  # one replica per worker process; the default 2 is for mirrored
     parallel = config_lib.ParallelConfig(
@@ -97,9 +100,7 @@ def config_from_flags() -> config_lib.RunConfig:
         learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
         weight_decay=FLAGS.weight_decay, steps_per_epoch=FLAGS.steps_per_epoch, epochs=FLAGS.epochs,
         mixed_precision=FLAGS.mixed_precision, grad_accum_steps=FLAGS.grad_accum_steps,
-        jit_compile=(config_lib.default_jit_compile(FLAGS.strategy, FLAGS.mixed_precision)
-                     if FLAGS.jit_compile is None
-                     else FLAGS.jit_compile), model_dir=FLAGS.model_dir,
+        jit_compile=jit_compile, model_dir=FLAGS.model_dir,
         backup_every_steps=FLAGS.backup_every_steps, metrics_json=FLAGS.metrics_json,
         export_dir=FLAGS.export_dir, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
         plan_only=FLAGS.plan_only, profile_steps=_int_list("profile_steps", FLAGS.profile_steps), verbose=FLAGS.verbose)
