@@ -240,7 +240,8 @@ class MultiWorkerProcessTest(absltest.TestCase):
 
     def test_killed_worker_fails_fast_and_rerun_resumes_exactly(self):
         run_flags = ["--model_size=tiny", "--global_batch_size=8", "--steps_per_epoch=40", "--epochs=2",
-                     "--backup_every_steps=8", "--verbose=0", self.data_flag()]
+                     "--backup_every_steps=8", "--verbose=0", self.data_flag(),
+                     "--nojit_compile"]  # resume is the subject; XLA with workers: the equivalence test
 
         def launch_command(model_dir, *extra):
             return [sys.executable, "-m", "tfpar.launch", "--num_workers=2", "--grace_seconds=2", "--",
