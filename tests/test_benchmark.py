@@ -1,6 +1,9 @@
 """tfpar-bench's arithmetic: step medians, tfpar/plain ratios, pipeline efficiency."""
 
+from absl.testing import flagsaver
+
 from tests.testbase import absltest, tiny_run
+from tfpar import bench
 from tfpar import benchmark
 
 
@@ -18,7 +21,7 @@ class ReportTest(absltest.TestCase):
         base = tiny_run("default")
         pipe = tiny_run("pipeline", parallel=dict(pipeline_stages=2, num_microbatches=8))
         results = [
-            _result("default", "tfpar", base, 0.100),
+            _result("default", "tfpar", base, 0.100, jit_compile=True),
             _result("default", "plain", base, 0.125),
             _result("pipeline K2xM8", "tfpar", pipe, 0.200, bubble_fraction_gpipe_bound=1 / 9,
                     stage_busy_seconds=[0.16, 0.17], pipeline_efficiency=0.8,
@@ -35,7 +38,32 @@ class ReportTest(absltest.TestCase):
         self.assertAlmostEqual(pipeline["compute_efficiency"], 0.22 / 0.4)
         self.assertGreater(rows["default/tfpar"]["mfu"], 0)
         text = benchmark.markdown(rep)
+        self.assertIn("| default | tfpar | on | 100 (± 0) | 2,560 |", text)
+        self.assertIn("| default | plain | off | 125 (± 0) | 2,048 |", text)
         self.assertIn("| pipeline K2xM8 | 200 | 160, 170 | 0.80 | 0.89 | 0.90 | 100, 120 | 0.55 |", text)
+
+
+
+class PlanTest(absltest.TestCase):
+
+    def _xla(self, run=None, **flags):
+        """(label, impl) -> (tfpar's jit_compile, plain Keras's jit_compile) for each planned cell."""
+        with flagsaver.flagsaver(strategies=["default", "mirrored", "pipeline"], impls=["tfpar", "plain"],
+                                 pipeline_shapes=["2x2"], scaling=False, **flags):
+            return {(label, impl): (run.jit_compile, extra.get("keras_jit_compile"))
+                    for label, impl, run, extra in bench.plan_cells(run or tiny_run("default"))}
+
+    def test_each_implementation_at_its_default_unless_jit_compile_is_given(self):
+        self.assertEqual(self._xla(jit_compile=None), {
+            ("default", "tfpar"): (True, None), ("default", "plain"): (True, "auto"),
+            ("mirrored 2 dev", "tfpar"): (True, None), ("mirrored 2 dev", "plain"): (True, "auto"),
+            ("pipeline K2xM2", "tfpar"): (False, None)})
+        for given in (True, False):
+            cells = self._xla(jit_compile=given)
+            self.assertEqual({setting for pair in cells.values() for setting in pair if setting is not None},
+                             {given}, cells)
+        bf16 = self._xla(tiny_run("default", mixed_precision="mixed_bfloat16"), jit_compile=None)
+        self.assertEqual(bf16[("default", "tfpar")], (False, None))
 
 
 if __name__ == "__main__":

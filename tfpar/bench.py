@@ -9,9 +9,12 @@ plain Keras), `multi_worker` (2 worker processes through tfpar-launch),
 KxM, and with --scaling tfpar `default` over width, depth and sequence length.
 Each cell runs in its own process; cells are interleaved over --repeats rounds
 (drift on a shared machine hits every cell alike) and report the median step
-time over windows after warm-up. Training flags (--model_size, --jit_compile,
---mixed_precision, --global_batch_size, ...) apply to every cell. Writes
-bench.json, bench.md and bench.png (with matplotlib).
+time over windows after warm-up. Training flags (--model_size, --mixed_precision,
+--global_batch_size, ...) apply to every cell. Without --jit_compile each
+implementation runs at its own default (tfpar-train's: XLA for float32
+default/mirrored/multi_worker; Keras's "auto": no XLA on a CPU-only machine);
+--jit_compile or --nojit_compile sets every cell alike. Writes bench.json,
+bench.md and bench.png (with matplotlib).
 """
 
 import json
@@ -46,7 +49,12 @@ SCALING = {"d_model": (64, 128, 256, 512), "num_layers": (1, 2, 4, 8), "seq_len"
 
 
 def _with(run: config_lib.RunConfig, **parallel) -> config_lib.RunConfig:
-    return run.replace(parallel=config_lib.ParallelConfig(**{**run.parallel.__dict__, **parallel}))
+    """`run` with these parallel settings and the XLA setting a tfpar cell gets for them."""
+    run = run.replace(parallel=config_lib.ParallelConfig(**{**run.parallel.__dict__, **parallel}))
+    jit = FLAGS.jit_compile
+    if jit is None:  # not given: tfpar-train's default for this cell's strategy
+        jit = config_lib.default_jit_compile(run.parallel.strategy, run.mixed_precision)
+    return run.replace(jit_compile=jit)
 
 
 def _pipeline_shape(text: str):
@@ -65,7 +73,9 @@ def plan_cells(base: config_lib.RunConfig):
     def add(label, run, impls=("tfpar",), **extra):
         for impl in impls:
             if impl in FLAGS.impls:
-                cells.append((label, impl, run, extra))
+                # plain Keras: jit_compile="auto" (its default) unless --jit_compile says otherwise.
+                keras_jit = {"keras_jit_compile": "auto" if FLAGS.jit_compile is None else FLAGS.jit_compile}
+                cells.append((label, impl, run, {**extra, **(keras_jit if impl == "plain" else {})}))
 
     for strategy in FLAGS.strategies:
         config_lib.choice("strategies", strategy, config_lib.STRATEGIES)
@@ -136,9 +146,6 @@ def main(argv):
         for impl in FLAGS.impls:
             config_lib.choice("impls", impl, ("tfpar", "plain"))
         base = train_cli.config_from_flags().replace(model_dir=None, metrics_json=None, verbose=0)
-        # Cells compare like for like, XLA only when asked (plain Keras + XLA fails under
-        # MirroredStrategy, and a cell's strategy is not --strategy's).
-        base = base.replace(jit_compile=bool(FLAGS.jit_compile))
         cells = plan_cells(base)
     except ValueError as e:
         train_cli.fail(str(e))
@@ -161,7 +168,8 @@ def main(argv):
             print(f"round {round_index + 1}: {label} / {impl}: {1000 * result['step_seconds']:.0f} ms/step",
                   flush=True)
             results.append(result)
-    report = {**benchmark.report(results, base), "plain_failures": failures}
+    report = {**benchmark.report(results, base), "plain_failures": failures,
+              "jit_compile_flag": FLAGS.jit_compile}
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     with open(os.path.join(FLAGS.out_dir, "bench.json"), "w") as f:
         json.dump({**report, "cells": results}, f, indent=2)

@@ -52,8 +52,12 @@ def model_flops_per_token(cfg: config_lib.ModelConfig, params: int) -> float:
     return 6 * params + 12 * cfg.num_layers * cfg.seq_len * cfg.d_model
 
 
-def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int) -> List[float]:
-    """The same model as plain Keras: functional, Keras's train_step, Keras's data path."""
+def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int, jit_compile) -> tuple:
+    """The same model as plain Keras: functional, Keras's train_step, Keras's data path.
+
+    Returns the step end times and the XLA setting Keras resolved (`jit_compile="auto"`
+    is off on a CPU-only machine and under tf.distribute).
+    """
     from tfpar import models  # pylint: disable=import-outside-toplevel
     keras.utils.set_random_seed(run.seed)
     with adapter.scope():
@@ -66,11 +70,11 @@ def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int) -> List[flo
         optimizer = training.build_optimizer(
             run.optimizer, learning_rate=run.learning_rate, total_steps=steps,
             warmup_steps=run.warmup_steps, weight_decay=run.weight_decay)
-        model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=run.jit_compile)
+        model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=jit_compile)
     dataset = data_lib.make_dataset_fn(run)(tf.distribute.InputContext())
     recorder = callbacks_lib.StepRecorder(tokens_per_step=0)
     model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[recorder], verbose=0)
-    return recorder.step_ends
+    return recorder.step_ends, bool(model.jit_compile)
 
 
 def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -82,8 +86,10 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     devices.configure_virtual_devices(run.parallel.num_virtual_devices, concurrent)
     adapter = strategies.from_config(run.parallel)
     if spec["impl"] == "plain":
-        metrics = {"params": None, "per_device_param_bytes": None,
-                   "step_end_seconds": _plain_keras_fit(run, adapter, spec["steps"]),
+        ends, jit_compile = _plain_keras_fit(run, adapter, spec["steps"],
+                                             spec.get("keras_jit_compile", run.jit_compile))
+        metrics = {"params": None, "per_device_param_bytes": None, "step_end_seconds": ends,
+                   "jit_compile": jit_compile,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     else:
         with tempfile.TemporaryDirectory() as tmp:  # a metrics JSON turns on the measured metrics
@@ -102,7 +108,8 @@ def result_from_metrics(spec, run: config_lib.RunConfig, metrics) -> Dict[str, A
         "devices": len(metrics.get("devices") or []) or max(run.parallel.num_virtual_devices, 1),
         "workers": spec.get("launch_workers", 1), "scaling": spec.get("scaling"),
         "model_config": dataclasses.asdict(run.model), "mixed_precision": run.mixed_precision,
-        "optimizer": run.optimizer, "step_seconds": step_seconds, "step_seconds_windows": rates,
+        "jit_compile": metrics.get("jit_compile", run.jit_compile), "optimizer": run.optimizer,
+        "step_seconds": step_seconds, "step_seconds_windows": rates,
         "tokens_per_second": run.data.global_batch_size * run.model.seq_len / step_seconds,
         "params": metrics.get("params"), "per_device_param_bytes": metrics.get("per_device_param_bytes"),
         "bubble_fraction_gpipe_bound": metrics.get("bubble_fraction_gpipe_bound"),
@@ -160,7 +167,7 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
         per_device = first["per_device_param_bytes"]
         rows[f"{label}/{impl}"] = {
             **{k: first[k] for k in ("label", "impl", "strategy", "devices", "workers", "scaling",
-                                     "num_stages", "bubble_fraction_gpipe_bound")},
+                                     "num_stages", "bubble_fraction_gpipe_bound", "jit_compile")},
             **{key: ([statistics.median(t) for t in zip(*(r[key] for r in group))] if first.get(key) else None)
                for key in ("stage_busy_seconds", "stage_compute_seconds")},
             "pipeline_efficiency": (statistics.median(r["pipeline_efficiency"] for r in group)
@@ -185,7 +192,7 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
                                          (row["num_stages"] * row["step_seconds"]))
     return {"rows": rows, "matmul_peak_flops": peak, "peak_dtype": dtype.name,
             "global_batch_size": base.data.global_batch_size, "model_size": base.model.size,
-            "jit_compile": base.jit_compile, "mixed_precision": base.mixed_precision}
+            "mixed_precision": base.mixed_precision}
 
 
 def _fmt(value, pattern: str) -> str:
@@ -194,8 +201,8 @@ def _fmt(value, pattern: str) -> str:
 
 def markdown(rep: Dict[str, Any]) -> str:
     """The report as markdown tables (strategies, then scaling)."""
-    head = ("| cell | impl | ms/step (± sd) | tokens/s | MFU | tfpar/plain | state bytes/device "
-            "| peak RSS MB | bubble measured (bound) |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| cell | impl | XLA | ms/step (± sd) | tokens/s | MFU | tfpar/plain | state bytes/device "
+            "| peak RSS MB | bubble measured (bound) |\n|---|---|---|---|---|---|---|---|---|---|")
     lines, scaling = [head], ["| scaling | params | ms/step | tokens/s | MFU | peak RSS MB |", "|---|---|---|---|---|---|"]
     for row in rep["rows"].values():
         if row["scaling"]:
@@ -207,11 +214,11 @@ def markdown(rep: Dict[str, Any]) -> str:
         if row.get("bubble_fraction_measured") is not None:
             bubble = f"{row['bubble_fraction_measured']:.2f} ({row['bubble_fraction_gpipe_bound']:.2f})"
         lines.append(
-            f"| {row['label']} | {row['impl']} | {1000 * row['step_seconds']:.0f} (± {1000 * row['step_seconds_stdev']:.0f}) "
+            f"| {row['label']} | {row['impl']} | {'on' if row['jit_compile'] else 'off'} | {1000 * row['step_seconds']:.0f} (± {1000 * row['step_seconds_stdev']:.0f}) "
             f"| {row['tokens_per_second']:,.0f} | {_fmt(row['mfu'], '{:.1%}')} | {_fmt(row['tfpar_over_plain'], '{:.3f}')} "
             f"| {_fmt(row['per_device_state_bytes'], '{:,}')} | {row['peak_rss_mb']:.0f} | {bubble} |")
     for label, error in rep.get("plain_failures", {}).items():
-        lines.append(f"| {label} | plain | fails: {error.split('failed: ')[-1][:120]} | | | | | | |")
+        lines.append(f"| {label} | plain | | fails: {error.split('failed: ')[-1][:120]} | | | | | | |")
     text = "\n".join(lines)
     pipeline = [r for r in rep["rows"].values() if r.get("efficiency_over_gpipe_bound") is not None]
     if pipeline:
@@ -226,7 +233,7 @@ def markdown(rep: Dict[str, Any]) -> str:
     if len(scaling) > 2:
         text += "\n\n" + "\n".join(scaling)
     return (text + f"\n\nmodel {rep['model_size']}, global batch {rep['global_batch_size']}, "
-            f"{rep['mixed_precision']}, jit_compile={rep['jit_compile']}; matmul peak "
+            f"{rep['mixed_precision']}; matmul peak "
             f"({rep['peak_dtype']}, 2048^2): {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s\n")
 
 
