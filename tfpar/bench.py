@@ -13,8 +13,9 @@ time over windows after warm-up. Training flags (--model_size, --mixed_precision
 --global_batch_size, ...) apply to every cell. Without --jit_compile each
 implementation runs at its own default (tfpar-train's: XLA for float32
 default/mirrored/multi_worker; Keras's "auto": no XLA on a CPU-only machine);
---jit_compile or --nojit_compile sets every cell alike. Writes bench.json,
-bench.md and bench.png (with matplotlib).
+--jit_compile turns XLA on for every cell whose strategy supports it (not
+dtensor or pipeline), plain Keras included; --nojit_compile turns it off for
+all. Writes bench.json, bench.md and bench.png (with matplotlib).
 """
 
 import json
@@ -51,9 +52,10 @@ SCALING = {"d_model": (64, 128, 256, 512), "num_layers": (1, 2, 4, 8), "seq_len"
 def _with(run: config_lib.RunConfig, **parallel) -> config_lib.RunConfig:
     """`run` with these parallel settings and the XLA setting a tfpar cell gets for them."""
     run = run.replace(parallel=config_lib.ParallelConfig(**{**run.parallel.__dict__, **parallel}))
-    jit = FLAGS.jit_compile
-    if jit is None:  # not given: tfpar-train's default for this cell's strategy
+    if FLAGS.jit_compile is None:  # not given: tfpar-train's default for this cell's strategy
         jit = config_lib.default_jit_compile(run.parallel.strategy, run.mixed_precision)
+    else:  # given: on wherever the strategy supports XLA (dtensor and pipeline refuse it)
+        jit = FLAGS.jit_compile and run.parallel.strategy in config_lib.XLA_STRATEGIES
     return run.replace(jit_compile=jit)
 
 

@@ -199,22 +199,27 @@ def _fmt(value, pattern: str) -> str:
     return "" if value is None else pattern.format(value)
 
 
+def _on_off(row) -> str:
+    return "on" if row["jit_compile"] else "off"
+
+
 def markdown(rep: Dict[str, Any]) -> str:
     """The report as markdown tables (strategies, then scaling)."""
     head = ("| cell | impl | XLA | ms/step (± sd) | tokens/s | MFU | tfpar/plain | state bytes/device "
             "| peak RSS MB | bubble measured (bound) |\n|---|---|---|---|---|---|---|---|---|---|")
-    lines, scaling = [head], ["| scaling | params | ms/step | tokens/s | MFU | peak RSS MB |", "|---|---|---|---|---|---|"]
+    lines, scaling = [head], ["| scaling | XLA | params | ms/step | tokens/s | MFU | peak RSS MB |",
+                              "|---|---|---|---|---|---|---|"]
     for row in rep["rows"].values():
         if row["scaling"]:
             field, value = row["scaling"]
-            scaling.append(f"| {field}={value} | {row['params']:,} | {1000 * row['step_seconds']:.0f} | "
+            scaling.append(f"| {field}={value} | {_on_off(row)} | {row['params']:,} | {1000 * row['step_seconds']:.0f} | "
                            f"{row['tokens_per_second']:,.0f} | {_fmt(row['mfu'], '{:.1%}')} | {row['peak_rss_mb']:.0f} |")
             continue
         bubble = ""
         if row.get("bubble_fraction_measured") is not None:
             bubble = f"{row['bubble_fraction_measured']:.2f} ({row['bubble_fraction_gpipe_bound']:.2f})"
         lines.append(
-            f"| {row['label']} | {row['impl']} | {'on' if row['jit_compile'] else 'off'} | {1000 * row['step_seconds']:.0f} (± {1000 * row['step_seconds_stdev']:.0f}) "
+            f"| {row['label']} | {row['impl']} | {_on_off(row)} | {1000 * row['step_seconds']:.0f} (± {1000 * row['step_seconds_stdev']:.0f}) "
             f"| {row['tokens_per_second']:,.0f} | {_fmt(row['mfu'], '{:.1%}')} | {_fmt(row['tfpar_over_plain'], '{:.3f}')} "
             f"| {_fmt(row['per_device_state_bytes'], '{:,}')} | {row['peak_rss_mb']:.0f} | {bubble} |")
     for label, error in rep.get("plain_failures", {}).items():
