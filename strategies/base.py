@@ -80,8 +80,14 @@ class StrategyAdapter:
         return model
 
     def prepare_optimizer(self, model: keras.Model, run: config_lib.RunConfig) -> None:
-        """Hook run after `model.compile` inside `scope()` (e.g. to place optimizer slots)."""
-        del model, run
+        """Hook run after `model.compile` inside `scope()`: creates the optimizer's slots now.
+
+        Created lazily they would appear while `fit` traces its first step, and
+        tf.function then traces the whole step a second time (~2 s for `tiny`).
+        Adapters that place slots themselves override this.
+        """
+        del run
+        model.optimizer.build(model.trainable_variables)
 
     def per_device_param_bytes(self, model: keras.Model) -> List[int]:
         """Bytes of trainable parameters held by each device."""
