@@ -43,7 +43,6 @@ class ReportTest(absltest.TestCase):
         self.assertIn("| pipeline K2xM8 | 200 | 160, 170 | 0.80 | 0.89 | 0.90 | 100, 120 | 0.55 |", text)
 
 
-
 class PlanTest(absltest.TestCase):
 
     def _xla(self, run=None, **flags):

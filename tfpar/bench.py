@@ -75,9 +75,10 @@ def plan_cells(base: config_lib.RunConfig):
     def add(label, run, impls=("tfpar",), **extra):
         for impl in impls:
             if impl in FLAGS.impls:
-                # plain Keras: jit_compile="auto" (its default) unless --jit_compile says otherwise.
-                keras_jit = {"keras_jit_compile": "auto" if FLAGS.jit_compile is None else FLAGS.jit_compile}
-                cells.append((label, impl, run, {**extra, **(keras_jit if impl == "plain" else {})}))
+                spec = extra
+                if impl == "plain":  # Keras's own default, jit_compile="auto", unless --jit_compile is given
+                    spec = {**extra, "keras_jit_compile": "auto" if FLAGS.jit_compile is None else FLAGS.jit_compile}
+                cells.append((label, impl, run, spec))
 
     for strategy in FLAGS.strategies:
         config_lib.choice("strategies", strategy, config_lib.STRATEGIES)

@@ -86,8 +86,7 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     devices.configure_virtual_devices(run.parallel.num_virtual_devices, concurrent)
     adapter = strategies.from_config(run.parallel)
     if spec["impl"] == "plain":
-        ends, jit_compile = _plain_keras_fit(run, adapter, spec["steps"],
-                                             spec.get("keras_jit_compile", run.jit_compile))
+        ends, jit_compile = _plain_keras_fit(run, adapter, spec["steps"], spec["keras_jit_compile"])
         metrics = {"params": None, "per_device_param_bytes": None, "step_end_seconds": ends,
                    "jit_compile": jit_compile,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
