@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -91,6 +92,19 @@ class TFConfigTest(parameterized.TestCase):
         self.assertEqual((spec.task_index, spec.num_workers, spec.is_chief), (2, 3, False))
         with self.assertRaisesRegex(ValueError, "out of range"):
             cluster.tf_config_for(hosts, 3)
+
+    def test_local_workers_share_the_cores_unless_the_user_chose(self):
+        share = str(max(1, cluster.local_cores() // 2))
+        pools = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+        unset = {k: v for k, v in os.environ.items() if k not in pools}
+        with mock.patch.dict(os.environ, unset, clear=True):
+            envs = launch.local_launcher(2, []).envs
+        self.assertEqual([(env[pools[0]], env[pools[1]]) for env in envs], [(share, share)] * 2)
+        with mock.patch.dict(os.environ, {pools[1]: "7"}):
+            envs = launch.local_launcher(2, []).envs
+        self.assertEqual([(env[pools[0]], env[pools[1]]) for env in envs], [(share, "7")] * 2)
+        self.assertEqual([cluster.parse_tf_config(env["TF_CONFIG"]).task_index for env in envs],
+                         [0, 1])
 
 
 def _launch_cli(*args, timeout=30):

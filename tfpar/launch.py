@@ -181,8 +181,10 @@ def local_launcher(num_workers: int, train_flags: Sequence[str], *, commands=Non
     base_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
                 "PYTHONUNBUFFERED": "1"}
     # N workers on one host share its cores: each gets its share of TF's
-    # intra-op pool unless the user chose (as for virtual devices, BUILD_NOTES.md).
-    base_env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cluster_lib.local_cores() // num_workers)))
+    # intra-op and inter-op pools unless the user chose (BUILD_NOTES.md).
+    share = str(max(1, cluster_lib.local_cores() // num_workers))
+    base_env.setdefault("TF_NUM_INTRAOP_THREADS", share)
+    base_env.setdefault("TF_NUM_INTEROP_THREADS", share)
     envs = [{**base_env, "TF_CONFIG": cluster_lib.tf_config_for(hosts, i)}
             for i in range(num_workers)]
     commands = commands or [worker_command(train_flags)] * num_workers
