@@ -47,6 +47,12 @@ class DataTest(TestCase):
             self.assertEmpty(worker_rows[0] & worker_rows[1])
             self.assertEqual(worker_rows[0] | worker_rows[1], set(map(tuple, whole[step][0].tolist())))
 
+    def test_pipeline_runs_without_autotuning(self):
+        # tf.data's autotuning thread made deleting a distributed iterator wait
+        # up to a minute at the end of fit (BUILD_NOTES.md).
+        ds = data_lib.make_dataset_fn(self.run_config())(tf.distribute.InputContext())
+        self.assertIs(ds.options().autotune.enabled, False)
+
     def test_text_file_source(self):
         path = os.path.join(self.create_tempdir().full_path, "corpus.txt")
         with open(path, "w") as f:

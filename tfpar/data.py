@@ -168,6 +168,10 @@ def make_dataset_fn(run: config_lib.RunConfig, skip_steps: int = 0) -> Callable:
         if ctx.num_input_pipelines > 1:
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
         batch = ctx.get_per_replica_batch_size(data.global_batch_size)
-        return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        # A fixed pipeline gains nothing from autotuning, and its thread made
+        # deleting a distributed iterator wait up to a minute (BUILD_NOTES.md).
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return ds.batch(batch, drop_remainder=True).prefetch(2).with_options(options)
 
     return dataset_fn
