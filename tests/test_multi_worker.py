@@ -161,7 +161,8 @@ class MultiWorkerProcessTest(absltest.TestCase):
     def setUp(self):
         super().setUp()
         self.tmp = self.create_tempdir().full_path
-        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        # A killed worker cannot delete its temporary model_dir: keep it in ours.
+        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TMPDIR": self.tmp}
         self.procs = []
 
     def tearDown(self):
