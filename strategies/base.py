@@ -53,7 +53,11 @@ class StrategyAdapter:
         """Turns `dataset_fn(input_context)` into what `model.fit` consumes."""
         if self.strategy is None:
             return dataset_fn(tf.distribute.InputContext())
-        return self.strategy.distribute_datasets_from_function(dataset_fn)
+        return self.strategy.distribute_datasets_from_function(dataset_fn, self.input_options())
+
+    def input_options(self) -> Optional[tf.distribute.InputOptions]:
+        """How `distribute_dataset` places the input pipelines (None: TF's default)."""
+        return None
 
     def validate(self, run: config_lib.RunConfig) -> None:
         """Raises ValueError if `run` cannot work under this adapter."""

@@ -41,8 +41,8 @@ class MirroredAdapter(base.StrategyAdapter):
     def describe(self) -> str:
         return f"{super().describe()}, cross_device_ops={self.cross_device_ops_name}"
 
-    def distribute_dataset(self, dataset_fn):
-        """One input pipeline per replica on CPUs (BUILD_NOTES.md "Known issues").
+    def input_options(self):
+        """One input pipeline per replica on CPUs (BUILD_NOTES.md "Slow exit after `fit`").
 
         Splitting one pipeline over virtual CPUs goes through a MultiDeviceIterator
         whose per-device datasets keep tf.data autotuning on; deleting it at the end
@@ -51,8 +51,7 @@ class MirroredAdapter(base.StrategyAdapter):
         fetched to the devices by one pipeline.
         """
         if devices_lib.accelerator_kind() != "CPU":
-            return super().distribute_dataset(dataset_fn)
-        options = tf.distribute.InputOptions(
+            return None
+        return tf.distribute.InputOptions(
             experimental_fetch_to_device=False,
             experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA)
-        return self.strategy.distribute_datasets_from_function(dataset_fn, options)
