@@ -66,12 +66,13 @@ class StrategyAdapter:
             raise ValueError(
                 f"--global_batch_size must be divisible by the number of replicas. "
                 f"Received: global_batch_size={run.data.global_batch_size}, "
-                f"replicas={self.num_replicas}.")
+                f"replicas={self.num_replicas}; accepted: a multiple of {self.num_replicas}.")
         local = run.data.global_batch_size // self.num_replicas
         if local % run.grad_accum_steps:
             raise ValueError(
                 f"the per-replica batch must be divisible by --grad_accum_steps. Received: "
-                f"per-replica batch={local}, grad_accum_steps={run.grad_accum_steps}.")
+                f"per-replica batch={local}, grad_accum_steps={run.grad_accum_steps}; accepted: a "
+                f"divisor of {local}.")
 
     def train_step(self, run: config_lib.RunConfig):
         """The step object a tfpar model runs inside `fit`."""

@@ -6,6 +6,7 @@ runs the real command in a subprocess; most fail before TensorFlow is imported.
 
 import concurrent.futures
 import os
+import re
 import subprocess
 import sys
 
@@ -56,7 +57,20 @@ CASES = [
     ("pipeline_grad_accum", "tfpar.train", ["--strategy=pipeline", "--num_virtual_devices=2", "--pipeline_stages=2", "--global_batch_size=8", "--num_microbatches=4", "--grad_accum_steps=4"], None, ["grad_accum_steps", "divide"]),
     ("bench_unknown_strategy", "tfpar.bench", ["--strategies=default,pipelin"], None, ["strategies", "pipeline"]),
     ("bench_malformed_pipeline_shape", "tfpar.bench", ["--strategies=pipeline", "--pipeline_shapes=2y8"], None, ["pipeline_shapes", "KxM"]),
+    ("bench_no_timed_window", "tfpar.bench", ["--steps=8"], None, ["steps", "window"]),
+    ("pipeline_flag_under_mirrored", "tfpar.train", ["--strategy=mirrored", "--remat"], None, ["remat", "pipeline"]),
+    ("mesh_without_dtensor", "tfpar.train", ["--strategy=default", "--mesh=model:2"], None, ["mesh", "dtensor"]),
+    ("metrics_json_is_a_directory", "tfpar.train", ["--metrics_json=/tmp"], None, ["metrics_json", "directory"]),
+    ("metrics_json_cannot_be_written", "tfpar.train", ["--metrics_json=/etc/hostname/m.json"], None, ["metrics_json", "written"]),
+    ("negative_seed", "tfpar.train", ["--seed=-1"], None, ["seed", "2**32"]),
+    ("backups_without_model_dir", "tfpar.train", ["--backup_every_steps=5"], None, ["backup_every_steps", "model_dir"]),
+    ("tfds_not_prepared", "tfpar.train", ["--dataset=tfds:mnist", "--data_dir=/tmp/tfpar_no_data"], None, ["dataset", "not prepared"]),
+    ("launch_other_strategy", "tfpar.launch", ["--", "--strategy", "mirrored"], None, ["strategy", "multi_worker"]),
+    ("launch_bad_train_flag", "tfpar.launch", ["--", "--model_size=huge"], None, ["model_size", "tiny"]),
+    ("generate_without_model", "tfpar.generate", ["--model_dir=/no/such/run"], None, ["model_dir", "no trained model"]),
 ]
+PROGRAMS = {"tfpar.train": "tfpar-train", "tfpar.launch": "tfpar-launch", "tfpar.bench": "tfpar-bench",
+            "tfpar.generate": "tfpar-generate"}
 
 
 def run_case(module, flags, env):
@@ -83,6 +97,21 @@ class BadInputTableTest(absltest.TestCase):
                 self.assertRegex(lines[0], r"^tfpar(-launch)?: error: ")
                 for text in expected:
                     self.assertIn(text, lines[0])
+
+
+    def test_readme_lists_every_case(self):
+        """README's troubleshooting table shows each case's command and the texts its line contains."""
+        with open(os.path.join(REPO_ROOT, "README.md")) as f:
+            rows = re.findall(r"^\| [^|`]+ \| `([^`]+)` \| (.+) \|$", f.read(), re.M)
+        readme = {command: re.findall(r"`([^`]+)`", texts) for command, texts in rows}
+        self.assertLen(readme, len(CASES))
+        for name, module, flags, env, expected in CASES:
+            if env:  # README shows the environment in words
+                continue
+            with self.subTest(name):
+                command = " ".join([PROGRAMS[module], *flags])
+                self.assertIn(command, readme)
+                self.assertEqual(readme[command], expected)
 
 
 if __name__ == "__main__":

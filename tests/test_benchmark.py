@@ -1,9 +1,12 @@
 """tfpar-bench's arithmetic: step medians, tfpar/plain ratios, pipeline efficiency."""
 
+import dataclasses
+
 from absl.testing import flagsaver
 
 from tests.testbase import absltest, tiny_run
 from tfpar import bench
+from tfpar import train as train_cli
 from tfpar import benchmark
 
 
@@ -24,7 +27,7 @@ class ReportTest(absltest.TestCase):
             _result("default", "tfpar", base, 0.100, jit_compile=True),
             _result("default", "plain", base, 0.125),
             _result("pipeline K2xM8", "tfpar", pipe, 0.200, bubble_fraction_gpipe_bound=1 / 9,
-                    stage_busy_seconds=[0.16, 0.17], pipeline_efficiency=0.8,
+                    stage_busy_seconds=[0.16, 0.17], pipeline_efficiency=0.8, traced_step_seconds=0.206,
                     stage_compute_seconds=[0.1, 0.12]),
         ]
         rep = benchmark.report(results, base)
@@ -40,7 +43,25 @@ class ReportTest(absltest.TestCase):
         text = benchmark.markdown(rep)
         self.assertIn("| default | tfpar | on | 100 (± 0) | 2,560 |", text)
         self.assertIn("| default | plain | off | 125 (± 0) | 2,048 |", text)
-        self.assertIn("| pipeline K2xM8 | 200 | 160, 170 | 0.80 | 0.89 | 0.90 | 100, 120 | 0.55 |", text)
+        self.assertIn("| pipeline K2xM8 | 200 | 206 | 160, 170 | 0.80 | 0.89 | 0.90 | 100, 120 | 0.55 |", text)
+
+    def test_windows_cover_every_step_after_warmup(self):
+        ends = [float(i * i) for i in range(30)]  # step i lasts 2i - 1 s
+        rates = benchmark.window_rates(ends, warmup=6, window=4)
+        self.assertLen(rates, 6)  # steps 6..29
+        self.assertEqual(rates[0], (ends[9] - ends[5]) / 4)  # steps 6, 7, 8, 9
+        self.assertEqual(rates[-1], (ends[29] - ends[25]) / 4)
+        self.assertLen(benchmark.window_rates(ends, warmup=6, window=5), 4)  # 24 steps: 4 whole windows
+
+    def test_multi_worker_cell_flags_give_back_the_same_run(self):
+        run = tiny_run("multi_worker", warmup_steps=3, weight_decay=0.05, deterministic=True,
+                       jit_compile=True, seed=5, parallel=dict(communication="ring"))
+        run = run.replace(data=dataclasses.replace(run.data, seed=5))  # one --seed sets both
+        with flagsaver.flagsaver():
+            train_cli.FLAGS.unparse_flags()
+            train_cli.FLAGS(["tfpar-train", *benchmark.train_flags(run, steps=7)])
+            parsed = train_cli.config_from_flags()
+        self.assertEqual(parsed, run.replace(steps_per_epoch=7))
 
 
 class PlanTest(absltest.TestCase):

@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 
-from tests.testbase import TestCase, absltest, run_cli, tf
+from tests.testbase import REPO_ROOT, TestCase, absltest, run_cli, tf
 
 TINY = ["--model_size=tiny", "--verbose=0"]
 
@@ -67,6 +70,22 @@ class TrainCliTest(TestCase):
         result = run_cli("tfpar.generate", "--model_dir=/no/such/dir", timeout=60)
         self.assertEqual(result.returncode, 2)
         self.assertLen(result.stderr.strip().splitlines(), 1, result.stderr)
+
+
+class ReadmeSnippetsTest(absltest.TestCase):
+
+    def test_python_snippets_run_as_written(self):
+        """Each README Python block that trains through an adapter runs on a plain machine."""
+        with open(os.path.join(REPO_ROOT, "README.md")) as f:
+            blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+        snippets = [b for b in blocks if "tfpar.strategies.get" in b]
+        self.assertLen(snippets, 2)
+        for snippet in snippets:
+            result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                                    timeout=180, cwd=self.create_tempdir().full_path,
+                                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            self.assertEqual(result.returncode, 0, f"{snippet}\n{result.stderr[-2000:]}")
+            self.assertIn("loss", result.stdout)
 
 
 if __name__ == "__main__":

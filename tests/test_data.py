@@ -61,9 +61,14 @@ class DataTest(TestCase):
         self.assertTrue(set(np.unique(x)) <= set(b"abcdefgh"))
 
     def test_tfds_source_with_mock_data(self):
+        # No --data_dir: the download path, which mock_data replaces (nothing is fetched).
         with tfds.testing.mock_data(num_examples=64):
-            x, _ = first_batches(self.run_config(dataset="tfds:imdb_reviews"), 1)[0]
+            x, _ = first_batches(self.run_config(dataset="tfds:imdb_reviews", data_dir=None), 1)[0]
         self.assertEqual(x.shape, (8, 32))
+
+    def test_tfds_dataset_not_prepared_in_data_dir_is_a_value_error(self):
+        with self.assertRaisesRegex(ValueError, "not prepared in --data_dir.*imdb_reviews"):
+            first_batches(self.run_config(dataset="tfds:imdb_reviews"), 1)
 
     def test_unknown_tfds_name_is_a_value_error(self):
         with self.assertRaisesRegex(ValueError, "unknown TFDS dataset.*no_such_dataset"):

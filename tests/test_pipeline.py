@@ -239,12 +239,15 @@ class PipelinePlacementTest(TestCase):
             layers = [layer for layer in model.stack if layer.name in names]
             for v in [v for layer in layers for v in layer.variables]:
                 self.assertTrue(v.value.device.endswith(device.split("/")[-1]), (stage, v.path, v.value.device))
+        checked = 0
         for v in model.optimizer.variables:  # slots follow their variables
             owner = [layer for layer in model.stack
                      if f"{model.name}_{layer.name}_" in v.path.replace("/", "_")]
             if owner:
                 stage = next(i for i, names in enumerate(adapter.stage_layers) if owner[0].name in names)
                 self.assertTrue(v.value.device.endswith(devices[stage].split("/")[-1]), v.path)
+                checked += 1
+        self.assertEqual(checked, 2 * len(model.trainable_variables))  # AdamW's two moments each
 
         x = tf.zeros((8, run.model.seq_len), tf.int32)
         step = tf.function(lambda x, y: model.train_step_fn(model, x, y))

@@ -10,7 +10,7 @@ import time
 
 import h5py
 
-from tests.testbase import REPO_ROOT, TestCase, absltest, np, run_cli, tiny_run
+from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, run_cli, tiny_run
 
 RUN_FLAGS = ["--strategy=default", "--model_size=tiny", "--global_batch_size=8",
              "--steps_per_epoch=6", "--epochs=2", "--backup_every_steps=2", "--verbose=0"]
@@ -61,22 +61,38 @@ class ResumeTest(TestCase):
 
     def test_torn_checkpoint_write_keeps_the_last_good_one(self):
         work = self.create_tempdir().full_path
-        first = self.train(tiny_run(model_dir=work, steps=4, backup_every_steps=2))
-        backup = f"{work}/backup"
-        # A write that died after the data file but before the `checkpoint` state file.
-        with open(f"{backup}/ckpt-6.data-00000-of-00001", "wb") as f:
-            f.write(b"\0" * 10)
-        resumed = self.train(tiny_run(model_dir=work, steps=6, backup_every_steps=2))
-        self.assertEqual(resumed.metrics["resumed_from_step"], 4)
-        self.assertLen(first.metrics["step_losses"], 4)
+        losses = {}
+        for name in ("clean", "torn"):
+            self.train(tiny_run(model_dir=f"{work}/{name}", steps=4, backup_every_steps=2))
+            if name == "torn":
+                # A write that died after the data and index files but before the
+                # `checkpoint` state file: the newest files on disk are garbage.
+                for path in ("ckpt-6.data-00000-of-00001", "ckpt-6.index"):
+                    with open(f"{work}/torn/backup/{path}", "wb") as f:
+                        f.write(b"\0" * 10)
+            resumed = self.train(tiny_run(model_dir=f"{work}/{name}", steps=6, backup_every_steps=2))
+            self.assertEqual(resumed.metrics["resumed_from_step"], 4, name)
+            losses[name] = resumed.metrics["step_losses"]
+        self.assertLossesClose(losses["clean"], losses["torn"], rtol=1e-6)
 
 
 class DeterminismTest(TestCase):
 
     def test_two_deterministic_runs_are_bitwise_equal(self):
+        from tensorflow.python.framework import config as tf_config  # pylint: disable=import-outside-toplevel
+        from tfpar import driver  # pylint: disable=import-outside-toplevel
+
+        class Probe(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.during_fit = tf_config.is_op_determinism_enabled()
+
         for strategy, count in (("default", 0), ("mirrored", 2)):
-            a = self.train(tiny_run(strategy, devices_count=count, deterministic=True))
-            b = self.train(tiny_run(strategy, devices_count=count, deterministic=True))
+            run = tiny_run(strategy, devices_count=count, deterministic=True, data_dir=self.data_dir)
+            probe = Probe()
+            a = driver.train(run, extra_callbacks=[probe])
+            self.assertTrue(probe.during_fit, strategy)  # TF's op determinism on inside fit
+            self.assertFalse(tf_config.is_op_determinism_enabled(), strategy)  # and off again
+            b = self.train(run)
             self.assertEqual(a.metrics["step_losses"], b.metrics["step_losses"], strategy)
 
 

@@ -110,6 +110,16 @@ def plan_cells(base: config_lib.RunConfig):
     return cells
 
 
+def check_timing_flags() -> None:
+    """Raises ValueError unless every cell can time at least one window after its warm-up."""
+    for flag in ("steps", "warmup", "window", "repeats", "bench_devices"):
+        config_lib.positive(flag, FLAGS[flag].value)
+    if FLAGS.warmup + FLAGS.window > FLAGS.steps:
+        raise ValueError(
+            f"--steps leaves no timed window. Received: steps={FLAGS.steps}, warmup={FLAGS.warmup}, "
+            f"window={FLAGS.window}; accepted: steps >= warmup + window.")
+
+
 def _run_cell(label: str, spec) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     if spec.get("launch_workers"):
@@ -140,18 +150,20 @@ def _run_launched(label: str, spec, env) -> dict:
 def main(argv):
     if len(argv) > 1:
         train_cli.fail(f"unexpected arguments: {' '.join(argv[1:])}.")
-    train_cli.quiet_tensorflow()
     if FLAGS.cell:
+        train_cli.quiet_tensorflow()
         from tfpar import benchmark  # pylint: disable=import-outside-toplevel
         print(json.dumps(benchmark.measure(json.loads(FLAGS.cell))), flush=True)
         return
     try:
         for impl in FLAGS.impls:
             config_lib.choice("impls", impl, ("tfpar", "plain"))
+        check_timing_flags()
         base = train_cli.config_from_flags().replace(model_dir=None, metrics_json=None, verbose=0)
         cells = plan_cells(base)
     except ValueError as e:
         train_cli.fail(str(e))
+    train_cli.quiet_tensorflow()
     from tfpar import benchmark  # pylint: disable=import-outside-toplevel
     results, failures = [], {}
     for round_index in range(FLAGS.repeats):

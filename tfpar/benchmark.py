@@ -26,11 +26,13 @@ from tfpar import training
 
 
 def window_rates(ends: List[float], warmup: int, window: int) -> List[float]:
-    """Seconds per step of consecutive windows of `window` steps after `warmup`."""
-    rates = []
-    for start in range(warmup, len(ends) - window, window):
-        rates.append((ends[start + window] - ends[start]) / window)
-    return rates
+    """Seconds per step of consecutive windows of `window` steps after the first `warmup` (>= 1).
+
+    `ends[i]` is when step i ended, so a window of steps i..i+window-1 lasts
+    from ends[i-1] to ends[i+window-1].
+    """
+    return [(ends[last] - ends[last - window]) / window
+            for last in range(warmup - 1 + window, len(ends), window)]
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 10, dtype=tf.float32) -> float:
@@ -115,6 +117,7 @@ def result_from_metrics(spec, run: config_lib.RunConfig, metrics) -> Dict[str, A
         "num_stages": run.parallel.pipeline_stages if run.parallel.strategy == "pipeline" else None,
         "stage_busy_seconds": metrics.get("stage_busy_seconds"),
         "pipeline_efficiency": metrics.get("pipeline_efficiency"),
+        "traced_step_seconds": metrics.get("traced_step_seconds"),
         "stage_compute_seconds": metrics.get("stage_compute_seconds"),
         "peak_rss_mb": metrics["peak_rss_mb"],
     }
@@ -129,6 +132,8 @@ def train_flags(run: config_lib.RunConfig, steps: int) -> List[str]:
             "--epochs=1", f"--optimizer={run.optimizer}", f"--learning_rate={run.learning_rate}",
             f"--mixed_precision={run.mixed_precision}", f"--grad_accum_steps={run.grad_accum_steps}",
             f"--jit_compile={run.jit_compile}", f"--seed={run.seed}",
+            f"--warmup_steps={run.warmup_steps}", f"--weight_decay={run.weight_decay}",
+            f"--deterministic={run.deterministic}", f"--communication={run.parallel.communication}",
             f"--dataset={run.data.dataset}", "--verbose=0"] + (
                 [f"--data_dir={run.data.data_dir}"] if run.data.data_dir else [])
 
@@ -169,8 +174,8 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
                                      "num_stages", "bubble_fraction_gpipe_bound", "jit_compile")},
             **{key: ([statistics.median(t) for t in zip(*(r[key] for r in group))] if first.get(key) else None)
                for key in ("stage_busy_seconds", "stage_compute_seconds")},
-            "pipeline_efficiency": (statistics.median(r["pipeline_efficiency"] for r in group)
-                                    if first.get("pipeline_efficiency") is not None else None),
+            **{key: (statistics.median(r[key] for r in group) if first.get(key) is not None else None)
+               for key in ("pipeline_efficiency", "traced_step_seconds")},
             "model_config": first["model_config"], "params": params,
             "step_seconds": step, "step_seconds_stdev": statistics.pstdev(windows) if len(windows) > 1 else 0.0,
             "windows": len(windows), "tokens_per_second": tokens_per_second,
@@ -183,7 +188,7 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
         row["tfpar_over_plain"] = (row["tokens_per_second"] / plain["tokens_per_second"]
                                    if plain and row["impl"] == "tfpar" else None)
         if row["num_stages"] and row["pipeline_efficiency"] is not None:
-            # Measured efficiency (profiler trace): sum of device busy time over devices x step time.
+            # Measured efficiency (profiler trace): device busy time over devices x the traced step.
             row["bubble_fraction_measured"] = 1.0 - row["pipeline_efficiency"]
             row["efficiency_over_gpipe_bound"] = row["pipeline_efficiency"] / (1.0 - row["bubble_fraction_gpipe_bound"])
             # Against the stages' compute run alone: also counts their slowdown on shared cores.
@@ -194,8 +199,8 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
             "mixed_precision": base.mixed_precision}
 
 
-def _fmt(value, pattern: str) -> str:
-    return "" if value is None else pattern.format(value)
+def _fmt(value, pattern: str, scale: float = 1) -> str:
+    return "" if value is None else pattern.format(value * scale)
 
 
 def _on_off(row) -> str:
@@ -226,11 +231,12 @@ def markdown(rep: Dict[str, Any]) -> str:
     text = "\n".join(lines)
     pipeline = [r for r in rep["rows"].values() if r.get("efficiency_over_gpipe_bound") is not None]
     if pipeline:
-        text += ("\n\n| pipeline | ms/step | device busy ms (trace) | efficiency | GPipe bound | "
-                 "efficiency / bound | stage compute ms (alone) | compute-only efficiency |\n"
-                 "|---|---|---|---|---|---|---|---|\n")
+        text += ("\n\n| pipeline | ms/step | traced step ms | device busy ms (trace) | efficiency | "
+                 "GPipe bound | efficiency / bound | stage compute ms (alone) | compute-only efficiency |\n"
+                 "|---|---|---|---|---|---|---|---|---|\n")
         text += "\n".join(
-            f"| {r['label']} | {1000 * r['step_seconds']:.0f} | {', '.join(f'{1000 * b:.0f}' for b in r['stage_busy_seconds'])} "
+            f"| {r['label']} | {1000 * r['step_seconds']:.0f} | {_fmt(r['traced_step_seconds'], '{:.0f}', 1000)} "
+            f"| {', '.join(f'{1000 * b:.0f}' for b in r['stage_busy_seconds'])} "
             f"| {r['pipeline_efficiency']:.2f} | {1 - r['bubble_fraction_gpipe_bound']:.2f} "
             f"| {r['efficiency_over_gpipe_bound']:.2f} | {', '.join(f'{1000 * c:.0f}' for c in r['stage_compute_seconds'])} "
             f"| {r['compute_efficiency']:.2f} |" for r in pipeline)

@@ -17,6 +17,20 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Strategies that compile with XLA; dtensor and pipeline refuse --jit_compile.
 XLA_STRATEGIES = ("default", "mirrored", "multi_worker")
+# Options that only some strategies read: refused under the others rather than
+# silently ignored (a value other than the default counts as given).
+STRATEGY_ONLY_OPTIONS = {
+    "devices": ("mirrored", "pipeline"),
+    "cross_device_ops": ("mirrored",),
+    "communication": ("multi_worker",),
+    "mesh": ("dtensor",),
+    "layout_rules": ("dtensor",),
+    "pipeline_stages": ("pipeline",),
+    "num_microbatches": ("pipeline",),
+    "pipeline_schedule": ("pipeline",),
+    "stage_boundaries": ("pipeline",),
+    "remat": ("pipeline",),
+}
 CROSS_DEVICE_OPS = ("auto", "hierarchical_copy", "reduction_to_one_device", "nccl")
 COMMUNICATIONS = ("auto", "ring", "nccl")
 SCHEDULES = ("gpipe", "1f1b")
@@ -67,6 +81,36 @@ def choice(flag: str, value: str, accepted) -> str:
     raise ValueError(
         f"--{flag}: unknown value. Received: {flag}={value!r}; accepted: "
         f"{', '.join(accepted)}.{hint}")
+
+
+def valid_seed(flag: str, value: int) -> int:
+    """Returns `value` if it is a valid random seed, else raises a one-line error."""
+    if 0 <= value < 2**32:
+        return value
+    raise ValueError(f"--{flag} out of range. Received: {flag}={value}; accepted: an integer in "
+                     "[0, 2**32).")
+
+
+def writable_path(flag: str, path: Optional[str], *, directory: bool) -> None:
+    """Raises a one-line error unless `path` is a directory (or a file) that can be written.
+
+    A missing path is fine when its nearest existing parent is a writable
+    directory (it is created there).
+    """
+    if not path:
+        return
+    kind = "a directory" if directory else "a file path"
+    if os.path.exists(path) and os.path.isdir(path) != directory:
+        what = "a file" if directory else "a directory"
+        raise ValueError(f"--{flag} is {what}. Received: {flag}={path!r}; accepted: {kind}, "
+                         "created if missing.")
+    parent = os.path.abspath(path if directory else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    target = path if os.path.exists(path) else parent
+    if not os.path.isdir(parent) or not os.access(target, os.W_OK):
+        raise ValueError(f"--{flag} cannot be written. Received: {flag}={path!r}; accepted: {kind} "
+                         "this user can write.")
 
 
 def positive(flag: str, value, *, allow_zero: bool = False):
@@ -124,6 +168,8 @@ class DataConfig:
     def __post_init__(self):
         positive("global_batch_size", self.global_batch_size)
         positive("seq_len", self.seq_len)
+        valid_seed("seed", self.seed)
+        writable_path("data_dir", self.data_dir, directory=True)
         kind, _, arg = self.dataset.partition(":")
         choice("dataset", kind if arg or kind == "builtin" else self.dataset,
                ("builtin", "text", "tfds"))
@@ -157,6 +203,15 @@ class ParallelConfig:
         positive("num_virtual_devices", self.num_virtual_devices, allow_zero=True)
         positive("pipeline_stages", self.pipeline_stages)
         positive("num_microbatches", self.num_microbatches)
+        for field in dataclasses.fields(self):
+            users = STRATEGY_ONLY_OPTIONS.get(field.name)
+            value = getattr(self, field.name)
+            if users and self.strategy not in users and value != field.default:
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                raise ValueError(
+                    f"--{field.name} applies only to --strategy={' or '.join(users)}. Received: "
+                    f"strategy={self.strategy}, {field.name}={shown!r}; accepted: "
+                    f"--strategy={' or '.join(users)}, or no --{field.name}.")
 
     @property
     def concurrent_devices(self) -> int:
@@ -213,36 +268,43 @@ class RunConfig:
         positive("grad_accum_steps", self.grad_accum_steps)
         positive("warmup_steps", self.warmup_steps, allow_zero=True)
         positive("backup_every_steps", self.backup_every_steps, allow_zero=True)
+        valid_seed("seed", self.seed)
         if self.data.seq_len != self.model.seq_len:
             raise ValueError(
                 f"seq_len differs between data and model. Received: "
-                f"data.seq_len={self.data.seq_len}, model.seq_len={self.model.seq_len}.")
+                f"data.seq_len={self.data.seq_len}, model.seq_len={self.model.seq_len}; accepted: "
+                "the same seq_len in both.")
         replicas = self.parallel.known_replicas
         if replicas and self.data.global_batch_size % replicas:
             raise ValueError(
                 f"--global_batch_size must be divisible by the number of replicas. "
-                f"Received: global_batch_size={self.data.global_batch_size}, replicas={replicas}.")
-        for flag in ("model_dir", "export_dir"):
-            path = getattr(self, flag)
-            if path and os.path.exists(path) and not os.path.isdir(path):
-                raise ValueError(f"--{flag} is a file. Received: {flag}={path!r}; accepted: a "
-                                 "directory, created if missing.")
+                f"Received: global_batch_size={self.data.global_batch_size}, replicas={replicas}; "
+                f"accepted: a multiple of {replicas}.")
+        writable_path("model_dir", self.model_dir, directory=True)
+        writable_path("export_dir", self.export_dir, directory=True)
+        writable_path("metrics_json", self.metrics_json, directory=False)
         if self.profile_steps:
             first, last = (tuple(self.profile_steps) + (0, 0))[:2]
             if len(self.profile_steps) != 2 or not 1 <= first <= last <= self.total_steps:
                 raise ValueError(
-                    f"--profile_steps must be two steps FIRST,LAST with 1 <= FIRST <= LAST <= "
-                    f"{self.total_steps} (the run's steps). Received: "
-                    f"profile_steps={','.join(map(str, self.profile_steps))}.")
+                    f"--profile_steps must be two steps FIRST,LAST. Received: "
+                    f"profile_steps={','.join(map(str, self.profile_steps))}; accepted: FIRST,LAST "
+                    f"with 1 <= FIRST <= LAST <= {self.total_steps} (the run's steps).")
             if not self.model_dir:
                 raise ValueError("--profile_steps writes the trace under --model_dir/logs. Received: "
                                  "model_dir=None; accepted: --model_dir=DIR with --profile_steps.")
+        if self.backup_every_steps and not self.model_dir:
+            raise ValueError(
+                f"--backup_every_steps writes backups under --model_dir. Received: "
+                f"backup_every_steps={self.backup_every_steps}, model_dir=None; accepted: "
+                "--model_dir=DIR with --backup_every_steps.")
         micro = self.data.global_batch_size % self.grad_accum_steps
         if micro:
             raise ValueError(
                 f"--global_batch_size must be divisible by --grad_accum_steps. Received: "
                 f"global_batch_size={self.data.global_batch_size}, "
-                f"grad_accum_steps={self.grad_accum_steps}.")
+                f"grad_accum_steps={self.grad_accum_steps}; accepted: a divisor of "
+                f"{self.data.global_batch_size}.")
 
     @property
     def total_steps(self) -> int:

@@ -86,7 +86,8 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     """A dataset of scalar `tf.string` texts for `data.dataset`.
 
     Raises:
-      ValueError: for an unknown TFDS name or a dataset without a text feature.
+      ValueError: for an unknown TFDS name, one not prepared in `data.data_dir`,
+        or a dataset without a text feature.
     """
     kind, _, arg = data.dataset.partition(":")
     if kind in ("builtin", "text"):
@@ -96,13 +97,22 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
             builder_config = TextConfig(name=f"file_{digest}", path=arg)
         builder = _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
         return builder.as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])
+    name = arg.split("/")[0].split(":")[0]  # NAME[/CONFIG][:VERSION]
     try:
-        ds, info = tfds.load(arg, split="train", data_dir=data.data_dir, with_info=True,
-                             download=data.data_dir is None)
+        tfds.builder_cls(name)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"--dataset: unknown TFDS dataset. Received: dataset={data.dataset!r}; "
             "accepted: a name from tfds.list_builders().") from None
+    if data.data_dir and not (os.path.isdir(os.path.join(data.data_dir, name))
+                              and tfds.builder(arg, data_dir=data.data_dir).is_prepared()):
+        # with --data_dir nothing is downloaded
+        raise ValueError(
+            f"--dataset: TFDS dataset not prepared in --data_dir. Received: "
+            f"dataset={data.dataset!r}, data_dir={data.data_dir!r}; accepted: a dataset prepared "
+            f"there (`tfds build {arg} --data_dir=...` where there is network), or no --data_dir.")
+    ds, info = tfds.load(arg, split="train", data_dir=data.data_dir, with_info=True,
+                         download=data.data_dir is None)
     keys = [k for k, f in info.features.items() if getattr(f, "dtype", None) == tf.string]
     if not keys:
         raise ValueError(

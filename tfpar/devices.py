@@ -30,7 +30,8 @@ def configure_virtual_devices(num_devices: int, concurrent_devices: int = 1) -> 
     """
     if num_devices < 0:
         raise ValueError(
-            f"--num_virtual_devices must be >= 0. Received: num_virtual_devices={num_devices}.")
+            f"--num_virtual_devices must be >= 0. Received: num_virtual_devices={num_devices}; "
+            "accepted: an integer >= 0.")
     gpus = tf.config.list_physical_devices("GPU")
     physical = gpus[0] if gpus else tf.config.list_physical_devices("CPU")[0]
     kind = "GPU" if gpus else "CPU"
@@ -48,7 +49,8 @@ def configure_virtual_devices(num_devices: int, concurrent_devices: int = 1) -> 
                 raise ValueError(
                     f"--num_virtual_devices: TensorFlow already initialized {current} "
                     f"{kind} device(s); virtual devices can be set only before that. "
-                    f"Received: num_virtual_devices={num_devices}.") from None
+                    f"Received: num_virtual_devices={num_devices}; accepted: {current}, or a fresh "
+                    "process.") from None
         user_set = (tf.config.threading.get_intra_op_parallelism_threads() != 0
                     or "TF_NUM_INTRAOP_THREADS" in os.environ)
         if kind == "CPU" and concurrent_devices > 1 and not user_set:
@@ -76,12 +78,14 @@ def select_devices(requested: Sequence[str], count: int = 0) -> List[str]:
             key = name.split("device:")[-1].lower().lstrip("/")
             if name not in available and key not in short:
                 raise ValueError(
-                    f"--devices: no such device. Received: {name!r}; available: "
+                    f"--devices: no such device. Received: {name!r}; accepted (available): "
                     f"{', '.join(available)}.")
             resolved.append(name if name in available else short[key])
         return resolved
     if count > len(available):
         raise ValueError(
-            f"more devices asked for than exist. Received: {count} devices; available: "
-            f"{len(available)} ({', '.join(available)}). Set --num_virtual_devices={count}.")
+            f"more devices asked for than exist. Received: {count} devices; accepted: at most "
+            f"{len(available)} ({', '.join(available)}), or split the CPU first with "
+            f"--num_virtual_devices={count} (tfpar.devices.configure_virtual_devices({count}) in "
+            "Python, before TensorFlow starts).")
     return available[:count] if count else available

@@ -9,6 +9,7 @@ import os
 from absl import app
 from absl import flags
 
+from tfpar import config as config_lib
 from tfpar import train as train_cli
 
 FLAGS = flags.FLAGS
@@ -21,7 +22,6 @@ flags.DEFINE_integer("top_k", 0, "Sample among the k most likely bytes (0: all).
 
 def load_model(model_dir: str):
     """Rebuilds the model of `model_dir/config.json` with its final weights (single device)."""
-    from tfpar import config as config_lib  # pylint: disable=import-outside-toplevel
     from tfpar import models  # pylint: disable=import-outside-toplevel
     with open(os.path.join(model_dir, "config.json")) as f:
         model_cfg = config_lib.ModelConfig(**json.load(f)["model"])
@@ -30,20 +30,41 @@ def load_model(model_dir: str):
     return model
 
 
+def _model_dir_error(model_dir) -> str:
+    """Why `model_dir` holds no model tfpar-generate can load, or ''."""
+    for name in ("final.weights.h5", "config.json"):
+        if not model_dir or not os.path.isfile(os.path.join(model_dir, name)):
+            return (f"--model_dir has no trained model (no {name}). Received: model_dir={model_dir!r}; "
+                    "accepted: a --model_dir that tfpar-train finished writing.")
+    return ""
+
+
 def main(argv):
-    del argv
-    train_cli.quiet_tensorflow()
+    if len(argv) > 1:
+        train_cli.fail(f"unexpected arguments: {' '.join(argv[1:])}. Flags take the form --name=value.")
     model_dir = FLAGS.model_dir
-    if not model_dir or not os.path.isfile(os.path.join(model_dir, "final.weights.h5")):
-        train_cli.fail(f"--model_dir has no trained model. Received: model_dir={model_dir!r}; "
-                       "accepted: a --model_dir that tfpar-train finished writing.")
-    if FLAGS.temperature < 0 or FLAGS.top_k < 0 or FLAGS.max_new_tokens <= 0:
+    problem = _model_dir_error(model_dir)
+    if problem:
+        train_cli.fail(problem)
+    vocab = config_lib.VOCAB_SIZES["gpt"]
+    if FLAGS.temperature < 0 or FLAGS.max_new_tokens <= 0 or not 0 <= FLAGS.top_k <= vocab:
         train_cli.fail(f"bad sampling options. Received: temperature={FLAGS.temperature}, "
                        f"top_k={FLAGS.top_k}, max_new_tokens={FLAGS.max_new_tokens}; accepted: "
-                       "temperature >= 0, top_k >= 0, max_new_tokens > 0.")
-    model = load_model(model_dir)
+                       f"temperature >= 0, 0 <= top_k <= {vocab} (the vocabulary), max_new_tokens > 0.")
+    try:
+        config_lib.valid_seed("seed", FLAGS.seed)
+    except ValueError as e:
+        train_cli.fail(str(e))
+    train_cli.quiet_tensorflow()
+    try:
+        model = load_model(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        train_cli.fail(f"--model_dir: could not load the model. Received: model_dir={model_dir!r} "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); accepted: "
+                       "a --model_dir that tfpar-train finished writing.")
     if model.model_config.name != "gpt":
-        train_cli.fail(f"tfpar-generate samples from gpt models. Received: model={model.model_config.name!r}.")
+        train_cli.fail(f"tfpar-generate samples from gpt models. Received: model={model.model_config.name!r}; "
+                       "accepted: a --model_dir trained with --model=gpt.")
     from tfpar.models import gpt  # pylint: disable=import-outside-toplevel
     text = gpt.generate(model, FLAGS.prompt.encode("utf-8"), max_new_tokens=FLAGS.max_new_tokens,
                         temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed)

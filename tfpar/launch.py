@@ -52,6 +52,26 @@ def worker_command(train_flags: Sequence[str]) -> List[str]:
     return [sys.executable, "-m", "tfpar.train", *_WORKER_FLAGS, *train_flags]
 
 
+def check_train_flags(train_flags: Sequence[str]) -> None:
+    """Fails (one line, status 2) for worker flags tfpar-train would refuse, before any worker starts.
+
+    The flags are parsed by tfpar-train's own parser in a short subprocess (no
+    TensorFlow), after the flags the launcher sets, so whatever form a later
+    `--strategy` or `--num_virtual_devices` takes is caught too.
+    """
+    code = "from tfpar import train; train.check_flags_main()"
+    proc = subprocess.run([sys.executable, "-c", code, *_WORKER_FLAGS, *train_flags],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines() or [f"status {proc.returncode}"]
+        fail(f"tfpar-train flags after --: {lines[-1].removeprefix('tfpar: error: ')}")
+    resolved = json.loads(proc.stdout.strip().splitlines()[-1])
+    if resolved != {"strategy": "multi_worker", "num_virtual_devices": 0}:
+        fail(f"workers run --strategy=multi_worker with --num_virtual_devices=0. Received: "
+             f"strategy={resolved['strategy']}, num_virtual_devices={resolved['num_virtual_devices']} "
+             "after --; accepted: neither flag, or those values.")
+
+
 def _death_signal_fn():
     """A preexec_fn that has Linux SIGKILL the worker if the launcher dies, or None."""
     if not sys.platform.startswith("linux"):
@@ -231,10 +251,7 @@ def main(argv):
     stray = [a for a in train_flags if not a.startswith("-")]
     if stray and "--" not in sys.argv:
         fail(f"unexpected arguments: {' '.join(stray)}. Put tfpar-train flags after `--`.")
-    for flag in train_flags:
-        if flag.startswith("--strategy=") and flag != "--strategy=multi_worker":
-            fail(f"workers run --strategy=multi_worker. Received: {flag}; accepted: no "
-                 "--strategy flag, or --strategy=multi_worker.")
+    check_train_flags(train_flags)
     if FLAGS.kubernetes and not FLAGS.print_tf_config:
         fail("--kubernetes goes with --print_tf_config. Received: --kubernetes alone; "
              "accepted: --print_tf_config --kubernetes --hosts=h1:port,...")
@@ -252,7 +269,7 @@ def main(argv):
              "accepted: an integer >= 1.")
     if FLAGS.hosts:
         fail("--hosts goes with --print_tf_config; local runs pick free 127.0.0.1 ports. "
-             f"Received: hosts={','.join(FLAGS.hosts)}.")
+             f"Received: hosts={','.join(FLAGS.hosts)}; accepted: --hosts with --print_tf_config.")
     launcher = local_launcher(FLAGS.num_workers, train_flags, grace_seconds=FLAGS.grace_seconds)
     launcher.start()
     return launcher.wait()

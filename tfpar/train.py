@@ -8,6 +8,7 @@ Bad input exits with status 2 and one line on stderr, before TensorFlow starts.
 """
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -147,13 +148,18 @@ def quiet_tensorflow() -> None:
         tf.config.list_physical_devices()
 
 
-def main(argv):
+def checked_config(argv) -> config_lib.RunConfig:
+    """The RunConfig of the parsed flags; bad input (or a positional argument) exits with one line."""
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}. Flags take the form --name=value.")
     try:
-        run = config_from_flags()
+        return config_from_flags()
     except ValueError as e:
         fail(str(e))
+
+
+def main(argv):
+    run = checked_config(argv)
     quiet_tensorflow()
     from tfpar import devices  # pylint: disable=import-outside-toplevel
     from tfpar import driver  # pylint: disable=import-outside-toplevel
@@ -163,6 +169,8 @@ def main(argv):
         metrics = driver.train(run).metrics
     except (ValueError, FloatingPointError) as e:
         fail(str(e))
+    except OSError as e:  # e.g. a disk that filled up, or a path removed during the run
+        fail(f"could not read or write a file: {e}")
     if run.plan_only:
         return
     if not metrics["step_losses"]:
@@ -175,6 +183,18 @@ def main(argv):
 def run_main():
     """Console-script entry point."""
     app.run(main, flags_parser=parse_flags_one_line)
+
+
+def check_flags_main():
+    """Validates tfpar-train flags (sys.argv[1:]) as `main` would, without TensorFlow.
+
+    Bad input exits with status 2 and one line; otherwise prints the resolved
+    strategy and virtual device count as JSON (tfpar-launch checks its
+    workers' flags this way before starting any).
+    """
+    run = checked_config(parse_flags_one_line(sys.argv))
+    print(json.dumps({"strategy": run.parallel.strategy,
+                      "num_virtual_devices": run.parallel.num_virtual_devices}))
 
 
 if __name__ == "__main__":
