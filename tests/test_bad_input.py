@@ -114,5 +114,27 @@ class BadInputTableTest(absltest.TestCase):
                 self.assertEqual(readme[command], expected)
 
 
+class FlagsToConfigTest(absltest.TestCase):
+
+    def test_paths_expand_the_home_directory(self):
+        from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+        from tfpar import train  # pylint: disable=import-outside-toplevel
+        with flagsaver.flagsaver():
+            train.FLAGS.unparse_flags()
+            train.FLAGS(["tfpar-train", "--data_dir=~/tfds", "--model_dir=~/runs/a",
+                         "--metrics_json=~/m.json"])
+            run = train.config_from_flags()
+        home = os.path.expanduser("~")
+        self.assertEqual((run.data.data_dir, run.model_dir, run.metrics_json),
+                         (f"{home}/tfds", f"{home}/runs/a", f"{home}/m.json"))
+
+    def test_empty_strategy_options_from_python_are_not_given(self):
+        from tfpar import config as config_lib  # pylint: disable=import-outside-toplevel
+        parallel = config_lib.ParallelConfig(strategy="default", devices=[], stage_boundaries=[])
+        self.assertEqual((parallel.devices, parallel.stage_boundaries), ((), ()))
+        with self.assertRaisesRegex(ValueError, "--devices applies only to --strategy=mirrored or pipeline"):
+            config_lib.ParallelConfig(strategy="default", devices=["/cpu:0"])
+
+
 if __name__ == "__main__":
     absltest.main()

@@ -89,5 +89,29 @@ class PlanTest(absltest.TestCase):
         self.assertEqual(bf16[("default", "tfpar")], (False, None))
 
 
+class StrategyOptionsTest(absltest.TestCase):
+
+    def _cells(self, *argv):
+        """(label -> ParallelConfig) of every cell for tfpar-bench flags `argv`."""
+        with flagsaver.flagsaver():
+            train_cli.FLAGS.unparse_flags()
+            train_cli.FLAGS(["tfpar-bench", "--strategies=default,mirrored,pipeline", "--impls=tfpar",
+                             "--pipeline_shapes=2x4", *argv])
+            options = bench.strategy_options()
+            return {label: run.parallel for label, _, run, _ in bench.plan_cells(tiny_run("default"), options)}
+
+    def test_a_strategys_own_flags_reach_only_its_cells(self):
+        cells = self._cells("--remat", "--pipeline_schedule=1f1b", "--cross_device_ops=hierarchical_copy")
+        self.assertEqual((cells["pipeline K2xM4"].remat, cells["pipeline K2xM4"].pipeline_schedule), (True, "1f1b"))
+        self.assertEqual(cells["mirrored 2 dev"].cross_device_ops, "hierarchical_copy")
+        self.assertEqual((cells["default"].remat, cells["default"].cross_device_ops), (False, "auto"))
+
+    def test_flags_no_cell_reads_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "--remat applies only to --strategies including pipeline"):
+            self._cells("--strategies=default,mirrored", "--remat")
+        with self.assertRaisesRegex(ValueError, "--mesh is set per cell.*--dtensor_meshes"):
+            self._cells("--mesh=model:2")
+
+
 if __name__ == "__main__":
     absltest.main()

@@ -132,6 +132,12 @@ class LauncherCliTest(parameterized.TestCase):
         self.assertIn("replicas: 2", result.stdout)
         self.assertIn('"--strategy=multi_worker"', result.stdout)
 
+    def test_printed_configs_do_not_check_paths_here(self):
+        result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2222", "--",
+                             "--dataset=text:/only/on/the/hosts.txt", "--num_virtual_devices=1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertLen(result.stdout.splitlines(), 2)
+
     @parameterized.named_parameters(
         ("bad_port", ("--print_tf_config", "--hosts=h1:x")),
         ("unknown_flag", ("--bogus",)),

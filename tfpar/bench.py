@@ -10,7 +10,10 @@ KxM, and with --scaling tfpar `default` over width, depth and sequence length.
 Each cell runs in its own process; cells are interleaved over --repeats rounds
 (drift on a shared machine hits every cell alike) and report the median step
 time over windows after warm-up. Training flags (--model_size, --mixed_precision,
---global_batch_size, ...) apply to every cell. Without --jit_compile each
+--global_batch_size, ...) apply to every cell, a strategy's own flags (--remat,
+--pipeline_schedule, --cross_device_ops, ...) to that strategy's cells; the
+strategy, devices, mesh and pipeline shape come from the bench's own flags.
+Without --jit_compile each
 implementation runs at its own default (tfpar-train's: XLA for float32
 default/mirrored/multi_worker; Keras's "auto": no XLA on a CPU-only machine);
 --jit_compile turns XLA on for every cell whose strategy supports it (not
@@ -49,9 +52,43 @@ flags.DEFINE_string("cell", None, "Internal: run one cell from this JSON spec an
 SCALING = {"d_model": (64, 128, 256, 512), "num_layers": (1, 2, 4, 8), "seq_len": (32, 64, 128, 256)}
 
 
-def _with(run: config_lib.RunConfig, **parallel) -> config_lib.RunConfig:
-    """`run` with these parallel settings and the XLA setting a tfpar cell gets for them."""
-    run = run.replace(parallel=config_lib.ParallelConfig(**{**run.parallel.__dict__, **parallel}))
+# Training flags that tfpar-bench sets for each cell, and what to use instead.
+_SET_PER_CELL = {"strategy": "--strategies", "num_virtual_devices": "--bench_devices",
+                 "mesh": "--dtensor_meshes", "pipeline_stages": "--pipeline_shapes",
+                 "num_microbatches": "--pipeline_shapes"}
+
+
+def strategy_options() -> dict:
+    """The strategy-only training flags given (e.g. --remat), for the cells whose strategy reads them.
+
+    Raises ValueError for one that no strategy of --strategies reads.
+    """
+    for name, instead in _SET_PER_CELL.items():
+        if FLAGS[name].present:
+            raise ValueError(
+                f"--{name} is set per cell by tfpar-bench. Received: {name}={FLAGS[name].value!r}; "
+                f"accepted: {instead}.")
+    given = {}
+    for name, value in train_cli.parallel_options_from_flags().items():
+        users = config_lib.STRATEGY_ONLY_OPTIONS.get(name)
+        if not users or not FLAGS[name].present:
+            continue
+        if not set(users) & set(FLAGS.strategies):
+            raise ValueError(
+                f"--{name} applies only to --strategies including {' or '.join(users)}. Received: "
+                f"strategies={','.join(FLAGS.strategies)}, {name}={FLAGS[name].value!r}; accepted: "
+                f"--strategies with {' or '.join(users)}, or no --{name}.")
+        given[name] = value
+    return given
+
+
+def _with(run: config_lib.RunConfig, options=None, **parallel) -> config_lib.RunConfig:
+    """`run` with these parallel settings (plus the given `options` its strategy reads) and the
+    XLA setting a tfpar cell gets for them."""
+    strategy = parallel["strategy"]
+    own = {name: value for name, value in (options or {}).items()
+           if strategy in config_lib.STRATEGY_ONLY_OPTIONS[name]}
+    run = run.replace(parallel=config_lib.ParallelConfig(**{**own, **parallel}))
     if FLAGS.jit_compile is None:  # not given: tfpar-train's default for this cell's strategy
         jit = config_lib.default_jit_compile(run.parallel.strategy, run.mixed_precision)
     else:  # given: on wherever the strategy supports XLA (dtensor and pipeline refuse it)
@@ -67,7 +104,7 @@ def _pipeline_shape(text: str):
     return int(stages), int(micro)
 
 
-def plan_cells(base: config_lib.RunConfig):
+def plan_cells(base: config_lib.RunConfig, options=None):
     """(label, impl, run, extra spec) for every cell of this invocation; ValueError for bad flags."""
     n = FLAGS.bench_devices
     cells = []
@@ -83,24 +120,24 @@ def plan_cells(base: config_lib.RunConfig):
     for strategy in FLAGS.strategies:
         config_lib.choice("strategies", strategy, config_lib.STRATEGIES)
         if strategy == "default":
-            add("default", _with(base, strategy="default", num_virtual_devices=0), ("tfpar", "plain"))
+            add("default", _with(base, options, strategy="default", num_virtual_devices=0), ("tfpar", "plain"))
         elif strategy == "mirrored":
-            add(f"mirrored {n} dev", _with(base, strategy="mirrored", num_virtual_devices=n), ("tfpar", "plain"))
+            add(f"mirrored {n} dev", _with(base, options, strategy="mirrored", num_virtual_devices=n), ("tfpar", "plain"))
         elif strategy == "multi_worker":
-            add(f"multi_worker {n} workers", _with(base, strategy="multi_worker", num_virtual_devices=0),
+            add(f"multi_worker {n} workers", _with(base, options, strategy="multi_worker", num_virtual_devices=0),
                 launch_workers=n)
         elif strategy == "dtensor":
             for mesh in filter(None, FLAGS.dtensor_meshes.split(";")):
                 from tfpar import layouts  # pylint: disable=import-outside-toplevel
                 size = layouts.parse_mesh(mesh, None).num_devices
-                add(f"dtensor {mesh}", _with(base, strategy="dtensor", mesh=mesh, num_virtual_devices=size))
+                add(f"dtensor {mesh}", _with(base, options, strategy="dtensor", mesh=mesh, num_virtual_devices=size))
         elif strategy == "pipeline":
             for text in FLAGS.pipeline_shapes:
                 k, m = _pipeline_shape(text)
-                add(f"pipeline K{k}xM{m}", _with(base, strategy="pipeline", num_virtual_devices=k,
+                add(f"pipeline K{k}xM{m}", _with(base, options, strategy="pipeline", num_virtual_devices=k,
                                                  pipeline_stages=k, num_microbatches=m))
     if FLAGS.scaling:
-        single = _with(base, strategy="default", num_virtual_devices=0)
+        single = _with(base, options, strategy="default", num_virtual_devices=0)
         for field, values in SCALING.items():
             for value in values:
                 model = config_lib.ModelConfig(**{**single.model.__dict__, field: value})
@@ -112,8 +149,11 @@ def plan_cells(base: config_lib.RunConfig):
 
 def check_timing_flags() -> None:
     """Raises ValueError unless every cell can time at least one window after its warm-up."""
-    for flag in ("steps", "warmup", "window", "repeats", "bench_devices"):
+    for flag in ("steps", "window", "repeats", "bench_devices"):
         config_lib.positive(flag, FLAGS[flag].value)
+    if FLAGS.warmup < 1:
+        raise ValueError(f"--warmup must be >= 1 (the first step compiles and has no start time). "
+                         f"Received: warmup={FLAGS.warmup}; accepted: an integer >= 1.")
     if FLAGS.warmup + FLAGS.window > FLAGS.steps:
         raise ValueError(
             f"--steps leaves no timed window. Received: steps={FLAGS.steps}, warmup={FLAGS.warmup}, "
@@ -148,8 +188,7 @@ def _run_launched(label: str, spec, env) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        train_cli.fail(f"unexpected arguments: {' '.join(argv[1:])}.")
+    train_cli.refuse_positional(argv)
     if FLAGS.cell:
         train_cli.quiet_tensorflow()
         from tfpar import benchmark  # pylint: disable=import-outside-toplevel
@@ -159,8 +198,10 @@ def main(argv):
         for impl in FLAGS.impls:
             config_lib.choice("impls", impl, ("tfpar", "plain"))
         check_timing_flags()
-        base = train_cli.config_from_flags().replace(model_dir=None, metrics_json=None, verbose=0)
-        cells = plan_cells(base)
+        options = strategy_options()
+        base = train_cli.config_from_flags(config_lib.ParallelConfig()).replace(
+            model_dir=None, metrics_json=None, verbose=0)
+        cells = plan_cells(base, options)
     except ValueError as e:
         train_cli.fail(str(e))
     train_cli.quiet_tensorflow()

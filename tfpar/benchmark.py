@@ -31,6 +31,9 @@ def window_rates(ends: List[float], warmup: int, window: int) -> List[float]:
     `ends[i]` is when step i ended, so a window of steps i..i+window-1 lasts
     from ends[i-1] to ends[i+window-1].
     """
+    if warmup < 1 or window < 1:
+        raise ValueError(f"warmup and window must be >= 1. Received: warmup={warmup}, "
+                         f"window={window}; accepted: integers >= 1 (step 1 has no start time).")
     return [(ends[last] - ends[last - window]) / window
             for last in range(warmup - 1 + window, len(ends), window)]
 

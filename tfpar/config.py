@@ -92,23 +92,21 @@ def valid_seed(flag: str, value: int) -> int:
 
 
 def writable_path(flag: str, path: Optional[str], *, directory: bool) -> None:
-    """Raises a one-line error unless `path` is a directory (or a file) that can be written.
-
-    A missing path is fine when its nearest existing parent is a writable
-    directory (it is created there).
-    """
+    """Raises a one-line error unless `path` can be written: a directory (created if missing)
+    or a file (created, or replaced, in a directory that can be written)."""
     if not path:
         return
     kind = "a directory" if directory else "a file path"
-    if os.path.exists(path) and os.path.isdir(path) != directory:
+    wrong = (os.path.exists(path) and not os.path.isdir(path)) if directory else (
+        os.path.isdir(path) or path.endswith(os.sep))
+    if wrong:
         what = "a file" if directory else "a directory"
         raise ValueError(f"--{flag} is {what}. Received: {flag}={path!r}; accepted: {kind}, "
                          "created if missing.")
-    parent = os.path.abspath(path if directory else os.path.dirname(os.path.abspath(path)))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    target = path if os.path.exists(path) else parent
-    if not os.path.isdir(parent) or not os.access(target, os.W_OK):
+    nearest = os.path.abspath(path if directory else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest) or not os.access(nearest, os.W_OK | os.X_OK):
         raise ValueError(f"--{flag} cannot be written. Received: {flag}={path!r}; accepted: {kind} "
                          "this user can write.")
 
@@ -169,8 +167,9 @@ class DataConfig:
         positive("global_batch_size", self.global_batch_size)
         positive("seq_len", self.seq_len)
         valid_seed("seed", self.seed)
-        writable_path("data_dir", self.data_dir, directory=True)
         kind, _, arg = self.dataset.partition(":")
+        if kind in ("builtin", "text"):  # prepared into data_dir (TFDS datasets are only read)
+            writable_path("data_dir", self.data_dir, directory=True)
         choice("dataset", kind if arg or kind == "builtin" else self.dataset,
                ("builtin", "text", "tfds"))
         if kind == "text" and not os.path.isfile(arg):
@@ -203,10 +202,12 @@ class ParallelConfig:
         positive("num_virtual_devices", self.num_virtual_devices, allow_zero=True)
         positive("pipeline_stages", self.pipeline_stages)
         positive("num_microbatches", self.num_microbatches)
+        for name in ("devices", "stage_boundaries"):  # lists from JSON or Python callers
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
         for field in dataclasses.fields(self):
             users = STRATEGY_ONLY_OPTIONS.get(field.name)
             value = getattr(self, field.name)
-            if users and self.strategy not in users and value != field.default:
+            if users and self.strategy not in users and value and value != field.default:
                 shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
                 raise ValueError(
                     f"--{field.name} applies only to --strategy={' or '.join(users)}. Received: "

@@ -18,6 +18,7 @@ import hashlib
 import os
 from typing import Callable, Optional
 
+from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -97,16 +98,17 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
             builder_config = TextConfig(name=f"file_{digest}", path=arg)
         builder = _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
         return builder.as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])
-    name = arg.split("/")[0].split(":")[0]  # NAME[/CONFIG][:VERSION]
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # TFDS warns about each version folder it cannot read
     try:
-        tfds.builder_cls(name)
+        prepared = tfds.builder(arg, data_dir=data.data_dir).is_prepared()
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"--dataset: unknown TFDS dataset. Received: dataset={data.dataset!r}; "
             "accepted: a name from tfds.list_builders().") from None
-    if data.data_dir and not (os.path.isdir(os.path.join(data.data_dir, name))
-                              and tfds.builder(arg, data_dir=data.data_dir).is_prepared()):
-        # with --data_dir nothing is downloaded
+    finally:
+        logging.set_verbosity(verbosity)
+    if data.data_dir and not prepared:  # with --data_dir nothing is downloaded
         raise ValueError(
             f"--dataset: TFDS dataset not prepared in --data_dir. Received: "
             f"dataset={data.dataset!r}, data_dir={data.data_dir!r}; accepted: a dataset prepared "

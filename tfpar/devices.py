@@ -78,7 +78,7 @@ def select_devices(requested: Sequence[str], count: int = 0) -> List[str]:
             key = name.split("device:")[-1].lower().lstrip("/")
             if name not in available and key not in short:
                 raise ValueError(
-                    f"--devices: no such device. Received: {name!r}; accepted (available): "
+                    f"--devices: no such device. Received: devices={name!r}; accepted (available): "
                     f"{', '.join(available)}.")
             resolved.append(name if name in available else short[key])
         return resolved

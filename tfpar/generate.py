@@ -40,8 +40,7 @@ def _model_dir_error(model_dir) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        train_cli.fail(f"unexpected arguments: {' '.join(argv[1:])}. Flags take the form --name=value.")
+    train_cli.refuse_positional(argv)
     model_dir = FLAGS.model_dir
     problem = _model_dir_error(model_dir)
     if problem:

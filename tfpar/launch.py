@@ -52,24 +52,29 @@ def worker_command(train_flags: Sequence[str]) -> List[str]:
     return [sys.executable, "-m", "tfpar.train", *_WORKER_FLAGS, *train_flags]
 
 
-def check_train_flags(train_flags: Sequence[str]) -> None:
+def check_train_flags(train_flags: Sequence[str], *, local: bool) -> None:
     """Fails (one line, status 2) for worker flags tfpar-train would refuse, before any worker starts.
 
     The flags are parsed by tfpar-train's own parser in a short subprocess (no
     TensorFlow), after the flags the launcher sets, so whatever form a later
-    `--strategy` or `--num_virtual_devices` takes is caught too.
+    `--strategy` or `--num_virtual_devices` takes is caught too. Paths are
+    checked only for `local` workers (printed configs run on other hosts).
     """
-    code = "from tfpar import train; train.check_flags_main()"
-    proc = subprocess.run([sys.executable, "-c", code, *_WORKER_FLAGS, *train_flags],
-                          capture_output=True, text=True, timeout=120)
+    code = f"from tfpar import train; train.check_flags_main(local={local})"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, *_WORKER_FLAGS, *train_flags],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        fail("checking the tfpar-train flags after -- took over 120 s. Received: a stalled "
+             "Python start; accepted: a machine that can start Python.")
     if proc.returncode:
         lines = proc.stderr.strip().splitlines() or [f"status {proc.returncode}"]
         fail(f"tfpar-train flags after --: {lines[-1].removeprefix('tfpar: error: ')}")
     resolved = json.loads(proc.stdout.strip().splitlines()[-1])
-    if resolved != {"strategy": "multi_worker", "num_virtual_devices": 0}:
-        fail(f"workers run --strategy=multi_worker with --num_virtual_devices=0. Received: "
+    if resolved["strategy"] != "multi_worker" or resolved["num_virtual_devices"] not in (0, 1):
+        fail(f"workers run --strategy=multi_worker with one device each. Received: "
              f"strategy={resolved['strategy']}, num_virtual_devices={resolved['num_virtual_devices']} "
-             "after --; accepted: neither flag, or those values.")
+             "after --; accepted: neither flag, --strategy=multi_worker, --num_virtual_devices=0 or 1.")
 
 
 def _death_signal_fn():
@@ -250,8 +255,9 @@ def main(argv):
     train_flags = argv[1:]
     stray = [a for a in train_flags if not a.startswith("-")]
     if stray and "--" not in sys.argv:
-        fail(f"unexpected arguments: {' '.join(stray)}. Put tfpar-train flags after `--`.")
-    check_train_flags(train_flags)
+        fail(f"unexpected arguments. Received: {' '.join(stray)}; accepted: tfpar-train flags "
+             "after `--`.")
+    check_train_flags(train_flags, local=not FLAGS.print_tf_config)
     if FLAGS.kubernetes and not FLAGS.print_tf_config:
         fail("--kubernetes goes with --print_tf_config. Received: --kubernetes alone; "
              "accepted: --print_tf_config --kubernetes --hosts=h1:port,...")

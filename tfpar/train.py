@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import warnings
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -73,37 +74,53 @@ def _int_list(flag: str, values) -> tuple:
             "accepted: comma-separated integers.") from None
 
 
-def config_from_flags() -> config_lib.RunConfig:
-    """Turns the parsed flags into a validated RunConfig (raises ValueError)."""
+def _path(value):
+    """A path flag's value with `~` expanded (absl does not expand it after `=`), or None."""
+    return os.path.expanduser(value) if value else None
+
+
+def parallel_options_from_flags() -> dict:
+    """ParallelConfig's fields from the parsed flags (not yet validated against each other)."""
+    num_virtual_devices = FLAGS.num_virtual_devices
+    if FLAGS.strategy == "multi_worker" and not FLAGS["num_virtual_devices"].present:
+        num_virtual_devices = 0  # one replica per worker process; the default 2 is for mirrored
+    return dict(
+        strategy=FLAGS.strategy, num_virtual_devices=num_virtual_devices,
+        devices=tuple(FLAGS.devices), cross_device_ops=FLAGS.cross_device_ops,
+        communication=FLAGS.communication, mesh=FLAGS.mesh, layout_rules=_path(FLAGS.layout_rules) or "",
+        pipeline_stages=FLAGS.pipeline_stages, num_microbatches=FLAGS.num_microbatches,
+        pipeline_schedule=FLAGS.pipeline_schedule,
+        stage_boundaries=_int_list("stage_boundaries", FLAGS.stage_boundaries), remat=FLAGS.remat)
+
+
+def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None) -> config_lib.RunConfig:
+    """Turns the parsed flags into a validated RunConfig (raises ValueError).
+
+    `parallel` replaces the parallel part the flags describe (tfpar-bench sets
+    it per cell).
+    """
     config_lib.choice("model_size", FLAGS.model_size, tuple(config_lib.MODEL_SIZES))
     if FLAGS.seq_len is not None:
         config_lib.positive("seq_len", FLAGS.seq_len)
     model = config_lib.model_config(FLAGS.model, FLAGS.model_size, seq_len=FLAGS.seq_len,
                                     dropout=FLAGS.dropout)
+    kind, colon, source = FLAGS.dataset.partition(":")
+    dataset = f"{kind}:{os.path.expanduser(source)}" if kind == "text" and colon else FLAGS.dataset
     data = config_lib.DataConfig(
-        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir or None, global_batch_size=FLAGS.global_batch_size,
+        dataset=dataset, data_dir=_path(FLAGS.data_dir), global_batch_size=FLAGS.global_batch_size,
         seq_len=model.seq_len, seed=FLAGS.seed)
-    num_virtual_devices = FLAGS.num_virtual_devices
     jit_compile = FLAGS.jit_compile
     if jit_compile is None:  # not given: XLA where it was measured faster
         jit_compile = config_lib.default_jit_compile(FLAGS.strategy, FLAGS.mixed_precision)
-    if FLAGS.strategy == "multi_worker" and not FLAGS["num_virtual_devices"].present:
-        num_virtual_devices = 0  # one replica per worker process; the default 2 is for mirrored
-    parallel = config_lib.ParallelConfig(
-        strategy=FLAGS.strategy, num_virtual_devices=num_virtual_devices,
-        devices=tuple(FLAGS.devices), cross_device_ops=FLAGS.cross_device_ops,
-        communication=FLAGS.communication, mesh=FLAGS.mesh, layout_rules=FLAGS.layout_rules,
-        pipeline_stages=FLAGS.pipeline_stages, num_microbatches=FLAGS.num_microbatches,
-        pipeline_schedule=FLAGS.pipeline_schedule,
-        stage_boundaries=_int_list("stage_boundaries", FLAGS.stage_boundaries), remat=FLAGS.remat)
+    parallel = parallel or config_lib.ParallelConfig(**parallel_options_from_flags())
     return config_lib.RunConfig(
         model=model, data=data, parallel=parallel, optimizer=FLAGS.optimizer,
         learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
         weight_decay=FLAGS.weight_decay, steps_per_epoch=FLAGS.steps_per_epoch, epochs=FLAGS.epochs,
         mixed_precision=FLAGS.mixed_precision, grad_accum_steps=FLAGS.grad_accum_steps,
-        jit_compile=jit_compile, model_dir=FLAGS.model_dir,
-        backup_every_steps=FLAGS.backup_every_steps, metrics_json=FLAGS.metrics_json,
-        export_dir=FLAGS.export_dir, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+        jit_compile=jit_compile, model_dir=_path(FLAGS.model_dir),
+        backup_every_steps=FLAGS.backup_every_steps, metrics_json=_path(FLAGS.metrics_json),
+        export_dir=_path(FLAGS.export_dir), seed=FLAGS.seed, deterministic=FLAGS.deterministic,
         plan_only=FLAGS.plan_only, profile_steps=_int_list("profile_steps", FLAGS.profile_steps), verbose=FLAGS.verbose)
 
 
@@ -148,10 +165,16 @@ def quiet_tensorflow() -> None:
         tf.config.list_physical_devices()
 
 
+def refuse_positional(argv, program: str = "tfpar") -> None:
+    """Exits with one line if anything but flags follows the program name."""
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments. Received: {' '.join(argv[1:])}; accepted: flags of the "
+                 "form --name=value only.", program)
+
+
 def checked_config(argv) -> config_lib.RunConfig:
     """The RunConfig of the parsed flags; bad input (or a positional argument) exits with one line."""
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])}. Flags take the form --name=value.")
+    refuse_positional(argv)
     try:
         return config_from_flags()
     except ValueError as e:
@@ -170,7 +193,8 @@ def main(argv):
     except (ValueError, FloatingPointError) as e:
         fail(str(e))
     except OSError as e:  # e.g. a disk that filled up, or a path removed during the run
-        fail(f"could not read or write a file: {e}")
+        fail(f"could not read or write a file. Received: {e.filename or ''} ({e.strerror or e}); "
+             "accepted: paths this user can write, on a disk with space.")
     if run.plan_only:
         return
     if not metrics["step_losses"]:
@@ -185,16 +209,24 @@ def run_main():
     app.run(main, flags_parser=parse_flags_one_line)
 
 
-def check_flags_main():
-    """Validates tfpar-train flags (sys.argv[1:]) as `main` would, without TensorFlow.
+def check_flags_main(local: bool = True):
+    """Validates tfpar-train flags (sys.argv[1:]) without TensorFlow; bad input exits with one line.
 
-    Bad input exits with status 2 and one line; otherwise prints the resolved
-    strategy and virtual device count as JSON (tfpar-launch checks its
-    workers' flags this way before starting any).
+    With `local`, as `main` would on this machine (paths, files); otherwise
+    only that they parse (flags meant for other hosts). Prints the resolved
+    strategy and virtual device count as JSON: tfpar-launch checks its
+    workers' flags this way before starting any.
     """
-    run = checked_config(parse_flags_one_line(sys.argv))
-    print(json.dumps({"strategy": run.parallel.strategy,
-                      "num_virtual_devices": run.parallel.num_virtual_devices}))
+    argv = parse_flags_one_line(sys.argv)
+    if local:
+        options = checked_config(argv).parallel.__dict__
+    else:
+        refuse_positional(argv)
+        try:
+            options = parallel_options_from_flags()
+        except ValueError as e:
+            fail(str(e))
+    print(json.dumps({key: options[key] for key in ("strategy", "num_virtual_devices")}))
 
 
 if __name__ == "__main__":
