@@ -128,6 +128,16 @@ class FlagsToConfigTest(absltest.TestCase):
         self.assertEqual((run.data.data_dir, run.model_dir, run.metrics_json),
                          (f"{home}/tfds", f"{home}/runs/a", f"{home}/m.json"))
 
+    def test_xla_default_follows_the_parallel_config_given(self):
+        from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+        from tfpar import config as config_lib  # pylint: disable=import-outside-toplevel
+        from tfpar import train  # pylint: disable=import-outside-toplevel
+        with flagsaver.flagsaver():
+            train.FLAGS.unparse_flags()
+            train.FLAGS(["tfpar-train"])  # --strategy's default is mirrored (XLA on)
+            run = train.config_from_flags(config_lib.ParallelConfig(strategy="pipeline", pipeline_stages=2))
+        self.assertFalse(run.jit_compile)  # the pipeline refuses XLA
+
     def test_empty_strategy_options_from_python_are_not_given(self):
         from tfpar import config as config_lib  # pylint: disable=import-outside-toplevel
         parallel = config_lib.ParallelConfig(strategy="default", devices=[], stage_boundaries=[])

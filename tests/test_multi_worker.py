@@ -134,7 +134,8 @@ class LauncherCliTest(parameterized.TestCase):
 
     def test_printed_configs_do_not_check_paths_here(self):
         result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2222", "--",
-                             "--dataset=text:/only/on/the/hosts.txt", "--num_virtual_devices=1")
+                             "--dataset=text:/only/on/the/hosts.txt", "--num_virtual_devices=1",
+                             "--flagfile=/only/on/the/hosts.flags", "--model_dir=/only/on/the/hosts")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertLen(result.stdout.splitlines(), 2)
 
@@ -143,6 +144,7 @@ class LauncherCliTest(parameterized.TestCase):
         ("unknown_flag", ("--bogus",)),
         ("zero_workers", ("--num_workers=0",)),
         ("other_strategy", ("--", "--strategy=mirrored")),
+        ("printed_with_a_bad_train_flag", ("--print_tf_config", "--hosts=a:1,b:2", "--", "--model_size=huge")),
     )
     def test_bad_input_exits_2_with_one_line(self, args):
         result = _launch_cli(*args)

@@ -52,10 +52,15 @@ flags.DEFINE_string("cell", None, "Internal: run one cell from this JSON spec an
 SCALING = {"d_model": (64, 128, 256, 512), "num_layers": (1, 2, 4, 8), "seq_len": (32, 64, 128, 256)}
 
 
-# Training flags that tfpar-bench sets for each cell, and what to use instead.
-_SET_PER_CELL = {"strategy": "--strategies", "num_virtual_devices": "--bench_devices",
-                 "mesh": "--dtensor_meshes", "pipeline_stages": "--pipeline_shapes",
-                 "num_microbatches": "--pipeline_shapes"}
+# Training flags that tfpar-bench sets for each cell (or that a benchmark does
+# not do), and what to use instead.
+_SET_PER_CELL = {
+    "strategy": "--strategies", "num_virtual_devices": "--bench_devices", "devices": "--bench_devices",
+    "mesh": "--dtensor_meshes", "pipeline_stages": "--pipeline_shapes",
+    "num_microbatches": "--pipeline_shapes", "steps_per_epoch": "--steps", "epochs": "--steps",
+    "model_dir": "--out_dir", "metrics_json": "--out_dir", "verbose": "nothing (cells run quietly)",
+    "export_dir": "tfpar-train --export_dir", "plan_only": "tfpar-train --plan_only",
+    "backup_every_steps": "tfpar-train --backup_every_steps", "profile_steps": "tfpar-train --profile_steps"}
 
 
 def strategy_options() -> dict:
@@ -74,9 +79,10 @@ def strategy_options() -> dict:
         if not users or not FLAGS[name].present:
             continue
         if not set(users) & set(FLAGS.strategies):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             raise ValueError(
                 f"--{name} applies only to --strategies including {' or '.join(users)}. Received: "
-                f"strategies={','.join(FLAGS.strategies)}, {name}={FLAGS[name].value!r}; accepted: "
+                f"strategies={','.join(FLAGS.strategies)}, {name}={shown!r}; accepted: "
                 f"--strategies with {' or '.join(users)}, or no --{name}.")
         given[name] = value
     return given
@@ -134,6 +140,13 @@ def plan_cells(base: config_lib.RunConfig, options=None):
         elif strategy == "pipeline":
             for text in FLAGS.pipeline_shapes:
                 k, m = _pipeline_shape(text)
+                boundaries = (options or {}).get("stage_boundaries", ())
+                if boundaries and len(boundaries) != k - 1:
+                    raise ValueError(
+                        f"--stage_boundaries fits only pipeline shapes with K={len(boundaries) + 1}. "
+                        f"Received: stage_boundaries={','.join(map(str, boundaries))}, "
+                        f"pipeline_shapes={','.join(FLAGS.pipeline_shapes)}; accepted: shapes with "
+                        f"K={len(boundaries) + 1}, or no --stage_boundaries.")
                 add(f"pipeline K{k}xM{m}", _with(base, options, strategy="pipeline", num_virtual_devices=k,
                                                  pipeline_stages=k, num_microbatches=m))
     if FLAGS.scaling:

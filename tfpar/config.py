@@ -203,7 +203,11 @@ class ParallelConfig:
         positive("pipeline_stages", self.pipeline_stages)
         positive("num_microbatches", self.num_microbatches)
         for name in ("devices", "stage_boundaries"):  # lists from JSON or Python callers
-            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"{name} must be a sequence. Received: {name}={value!r}; accepted: a "
+                                 f"list or tuple, e.g. {name}=({value!r},).")
+            object.__setattr__(self, name, tuple(value or ()))
         for field in dataclasses.fields(self):
             users = STRATEGY_ONLY_OPTIONS.get(field.name)
             value = getattr(self, field.name)

@@ -106,6 +106,11 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
         raise ValueError(
             f"--dataset: unknown TFDS dataset. Received: dataset={data.dataset!r}; "
             "accepted: a name from tfds.list_builders().") from None
+    except (ValueError, AssertionError) as e:  # e.g. an unknown config or version
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"--dataset: TFDS cannot build it ({reason}). Received: dataset={data.dataset!r}; "
+            "accepted: tfds:NAME[/CONFIG][:VERSION] that TFDS knows.") from None
     finally:
         logging.set_verbosity(verbosity)
     if data.data_dir and not prepared:  # with --data_dir nothing is downloaded

@@ -41,7 +41,7 @@ def _model_dir_error(model_dir) -> str:
 
 def main(argv):
     train_cli.refuse_positional(argv)
-    model_dir = FLAGS.model_dir
+    model_dir = train_cli.expand_path(FLAGS.model_dir)
     problem = _model_dir_error(model_dir)
     if problem:
         train_cli.fail(problem)

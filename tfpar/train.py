@@ -74,7 +74,7 @@ def _int_list(flag: str, values) -> tuple:
             "accepted: comma-separated integers.") from None
 
 
-def _path(value):
+def expand_path(value):
     """A path flag's value with `~` expanded (absl does not expand it after `=`), or None."""
     return os.path.expanduser(value) if value else None
 
@@ -87,7 +87,7 @@ def parallel_options_from_flags() -> dict:
     return dict(
         strategy=FLAGS.strategy, num_virtual_devices=num_virtual_devices,
         devices=tuple(FLAGS.devices), cross_device_ops=FLAGS.cross_device_ops,
-        communication=FLAGS.communication, mesh=FLAGS.mesh, layout_rules=_path(FLAGS.layout_rules) or "",
+        communication=FLAGS.communication, mesh=FLAGS.mesh, layout_rules=expand_path(FLAGS.layout_rules) or "",
         pipeline_stages=FLAGS.pipeline_stages, num_microbatches=FLAGS.num_microbatches,
         pipeline_schedule=FLAGS.pipeline_schedule,
         stage_boundaries=_int_list("stage_boundaries", FLAGS.stage_boundaries), remat=FLAGS.remat)
@@ -107,20 +107,20 @@ def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None) -> c
     kind, colon, source = FLAGS.dataset.partition(":")
     dataset = f"{kind}:{os.path.expanduser(source)}" if kind == "text" and colon else FLAGS.dataset
     data = config_lib.DataConfig(
-        dataset=dataset, data_dir=_path(FLAGS.data_dir), global_batch_size=FLAGS.global_batch_size,
+        dataset=dataset, data_dir=expand_path(FLAGS.data_dir), global_batch_size=FLAGS.global_batch_size,
         seq_len=model.seq_len, seed=FLAGS.seed)
+    parallel = parallel or config_lib.ParallelConfig(**parallel_options_from_flags())
     jit_compile = FLAGS.jit_compile
     if jit_compile is None:  # not given: XLA where it was measured faster
-        jit_compile = config_lib.default_jit_compile(FLAGS.strategy, FLAGS.mixed_precision)
-    parallel = parallel or config_lib.ParallelConfig(**parallel_options_from_flags())
+        jit_compile = config_lib.default_jit_compile(parallel.strategy, FLAGS.mixed_precision)
     return config_lib.RunConfig(
         model=model, data=data, parallel=parallel, optimizer=FLAGS.optimizer,
         learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
         weight_decay=FLAGS.weight_decay, steps_per_epoch=FLAGS.steps_per_epoch, epochs=FLAGS.epochs,
         mixed_precision=FLAGS.mixed_precision, grad_accum_steps=FLAGS.grad_accum_steps,
-        jit_compile=jit_compile, model_dir=_path(FLAGS.model_dir),
-        backup_every_steps=FLAGS.backup_every_steps, metrics_json=_path(FLAGS.metrics_json),
-        export_dir=_path(FLAGS.export_dir), seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+        jit_compile=jit_compile, model_dir=expand_path(FLAGS.model_dir),
+        backup_every_steps=FLAGS.backup_every_steps, metrics_json=expand_path(FLAGS.metrics_json),
+        export_dir=expand_path(FLAGS.export_dir), seed=FLAGS.seed, deterministic=FLAGS.deterministic,
         plan_only=FLAGS.plan_only, profile_steps=_int_list("profile_steps", FLAGS.profile_steps), verbose=FLAGS.verbose)
 
 
@@ -218,15 +218,26 @@ def check_flags_main(local: bool = True):
     workers' flags this way before starting any.
     """
     argv = parse_flags_one_line(sys.argv)
-    if local:
-        options = checked_config(argv).parallel.__dict__
-    else:
-        refuse_positional(argv)
-        try:
-            options = parallel_options_from_flags()
-        except ValueError as e:
-            fail(str(e))
-    print(json.dumps({key: options[key] for key in ("strategy", "num_virtual_devices")}))
+    with tempfile.TemporaryDirectory() as stand_ins:
+        if not local:
+            _paths_to_stand_ins(stand_ins)
+        parallel = checked_config(argv).parallel
+    print(json.dumps({"strategy": parallel.strategy, "num_virtual_devices": parallel.num_virtual_devices}))
+
+
+def _paths_to_stand_ins(directory: str) -> None:
+    """Points every path flag given at a stand-in under `directory` (paths of other hosts)."""
+    stand_in_file = os.path.join(directory, "stand_in")
+    open(stand_in_file, "w").close()
+    for name in ("data_dir", "model_dir", "export_dir"):
+        if FLAGS[name].value:
+            FLAGS[name].value = os.path.join(directory, name)
+    if FLAGS.metrics_json:
+        FLAGS.metrics_json = os.path.join(directory, "metrics.json")
+    if FLAGS.layout_rules:
+        FLAGS.layout_rules = stand_in_file
+    if FLAGS.dataset.startswith("text:"):
+        FLAGS.dataset = f"text:{stand_in_file}"
 
 
 if __name__ == "__main__":
