@@ -133,11 +133,14 @@ class LauncherCliTest(parameterized.TestCase):
         self.assertIn('"--strategy=multi_worker"', result.stdout)
 
     def test_printed_configs_do_not_check_paths_here(self):
-        result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2222", "--",
-                             "--dataset=text:/only/on/the/hosts.txt", "--num_virtual_devices=1",
-                             "--flagfile=/only/on/the/hosts.flags", "--model_dir=/only/on/the/hosts")
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertLen(result.stdout.splitlines(), 2)
+        for train_flags in (
+                ("--dataset=text:/only/on/the/hosts.txt", "--num_virtual_devices=1",
+                 "--model_dir=/only/on/the/hosts"),
+                # the flag file (on the hosts) may hold the --model_dir that backups need
+                ("--flagfile=/only/on/the/hosts.flags", "--backup_every_steps=100")):
+            result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2222", "--", *train_flags)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertLen(result.stdout.splitlines(), 2)
 
     @parameterized.named_parameters(
         ("bad_port", ("--print_tf_config", "--hosts=h1:x")),
@@ -145,6 +148,8 @@ class LauncherCliTest(parameterized.TestCase):
         ("zero_workers", ("--num_workers=0",)),
         ("other_strategy", ("--", "--strategy=mirrored")),
         ("printed_with_a_bad_train_flag", ("--print_tf_config", "--hosts=a:1,b:2", "--", "--model_size=huge")),
+        ("printed_with_a_flag_file_and_another_strategy",
+         ("--print_tf_config", "--hosts=a:1,b:2", "--", "-flagfile", "/only/on/hosts", "--strategy=mirrored")),
     )
     def test_bad_input_exits_2_with_one_line(self, args):
         result = _launch_cli(*args)

@@ -55,7 +55,7 @@ SCALING = {"d_model": (64, 128, 256, 512), "num_layers": (1, 2, 4, 8), "seq_len"
 # Training flags that tfpar-bench sets for each cell (or that a benchmark does
 # not do), and what to use instead.
 _SET_PER_CELL = {
-    "strategy": "--strategies", "num_virtual_devices": "--bench_devices", "devices": "--bench_devices",
+    "strategy": "--strategies", "num_virtual_devices": "--bench_devices", "devices": "--bench_devices (a count: cells use the first N devices)",
     "mesh": "--dtensor_meshes", "pipeline_stages": "--pipeline_shapes",
     "num_microbatches": "--pipeline_shapes", "steps_per_epoch": "--steps", "epochs": "--steps",
     "model_dir": "--out_dir", "metrics_json": "--out_dir", "verbose": "nothing (cells run quietly)",
@@ -70,8 +70,10 @@ def strategy_options() -> dict:
     """
     for name, instead in _SET_PER_CELL.items():
         if FLAGS[name].present:
+            value = FLAGS[name].value
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             raise ValueError(
-                f"--{name} is set per cell by tfpar-bench. Received: {name}={FLAGS[name].value!r}; "
+                f"--{name} is set per cell by tfpar-bench. Received: {name}={shown!r}; "
                 f"accepted: {instead}.")
     given = {}
     for name, value in train_cli.parallel_options_from_flags().items():

@@ -57,14 +57,17 @@ def check_train_flags(train_flags: Sequence[str], *, local: bool) -> None:
 
     The flags are parsed by tfpar-train's own parser in a short subprocess (no
     TensorFlow), after the flags the launcher sets, so whatever form a later
-    `--strategy` or `--num_virtual_devices` takes is caught too. Paths (and
-    flag files) are checked only for `local` workers: printed configs run on
-    other hosts.
+    `--strategy` or `--num_virtual_devices` takes is caught too. Paths are
+    checked only for `local` workers (printed configs run on other hosts); a
+    flag file of other hosts is left out, and the rest is then only parsed.
     """
-    code = f"from tfpar import train; train.check_flags_main(local={local})"
-    if not local:  # a --flagfile names a file on the hosts
-        train_flags = [f for i, f in enumerate(train_flags) if not f.startswith("--flagfile")
-                       and not (i and train_flags[i - 1] == "--flagfile")]
+    kept = list(train_flags)
+    if not local:  # a flag file is a file on the hosts
+        kept = [f for i, f in enumerate(train_flags) if not f.lstrip("-").startswith("flagfile")
+                and not (i and train_flags[i - 1] in ("--flagfile", "-flagfile"))]
+    complete = len(kept) == len(train_flags)
+    code = f"from tfpar import train; train.check_flags_main(local={local}, complete={complete})"
+    train_flags = kept
     try:
         proc = subprocess.run([sys.executable, "-c", code, *_WORKER_FLAGS, *train_flags],
                               capture_output=True, text=True, timeout=120)

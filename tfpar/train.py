@@ -209,36 +209,42 @@ def run_main():
     app.run(main, flags_parser=parse_flags_one_line)
 
 
-def check_flags_main(local: bool = True):
+def check_flags_main(local: bool = True, complete: bool = True):
     """Validates tfpar-train flags (sys.argv[1:]) without TensorFlow; bad input exits with one line.
 
-    With `local`, as `main` would on this machine (paths, files); otherwise
-    only that they parse (flags meant for other hosts). Prints the resolved
-    strategy and virtual device count as JSON: tfpar-launch checks its
-    workers' flags this way before starting any.
+    With `local`, as `main` would on this machine; otherwise with every path
+    flag pointed at a stand-in (paths of other hosts). Without `complete` (a
+    flag file was left out) only that they parse. Prints the resolved strategy
+    and virtual device count as JSON: tfpar-launch checks its workers' flags
+    this way before starting any.
     """
     argv = parse_flags_one_line(sys.argv)
-    with tempfile.TemporaryDirectory() as stand_ins:
-        if not local:
-            _paths_to_stand_ins(stand_ins)
-        parallel = checked_config(argv).parallel
-    print(json.dumps({"strategy": parallel.strategy, "num_virtual_devices": parallel.num_virtual_devices}))
+    if not complete:
+        refuse_positional(argv)
+        try:
+            options = parallel_options_from_flags()
+        except ValueError as e:
+            fail(str(e))
+    else:
+        with tempfile.TemporaryDirectory() as stand_ins:
+            if not local:
+                _paths_to_stand_ins(stand_ins)
+            options = checked_config(argv).parallel.__dict__
+    print(json.dumps({key: options[key] for key in ("strategy", "num_virtual_devices")}))
 
 
 def _paths_to_stand_ins(directory: str) -> None:
     """Points every path flag given at a stand-in under `directory` (paths of other hosts)."""
-    stand_in_file = os.path.join(directory, "stand_in")
-    open(stand_in_file, "w").close()
     for name in ("data_dir", "model_dir", "export_dir"):
         if FLAGS[name].value:
             FLAGS[name].value = os.path.join(directory, name)
-    if FLAGS.metrics_json:
+    if FLAGS.metrics_json and not FLAGS.metrics_json.endswith(os.sep):  # that one is refused as is
         FLAGS.metrics_json = os.path.join(directory, "metrics.json")
-    if FLAGS.layout_rules:
-        FLAGS.layout_rules = stand_in_file
-    if FLAGS.dataset.startswith("text:"):
-        FLAGS.dataset = f"text:{stand_in_file}"
-
+    kind, _, source = FLAGS.dataset.partition(":")
+    if kind == "text" and source:
+        stand_in = os.path.join(directory, "text")
+        open(stand_in, "w").close()
+        FLAGS.dataset = f"text:{stand_in}"
 
 if __name__ == "__main__":
     run_main()
