@@ -150,6 +150,10 @@ class LauncherCliTest(parameterized.TestCase):
         ("printed_with_a_bad_train_flag", ("--print_tf_config", "--hosts=a:1,b:2", "--", "--model_size=huge")),
         ("printed_with_a_flag_file_and_another_strategy",
          ("--print_tf_config", "--hosts=a:1,b:2", "--", "-flagfile", "/only/on/hosts", "--strategy=mirrored")),
+        ("printed_with_a_flag_file_and_a_bad_value",
+         ("--print_tf_config", "--hosts=a:1,b:2", "--", "--flagfile=/only/on/hosts", "--model_size=huge")),
+        ("printed_with_a_value_that_looks_like_a_flag_file",
+         ("--print_tf_config", "--hosts=a:1,b:2", "--", "--model_dir", "flagfile_runs", "--strategy=mirrored")),
     )
     def test_bad_input_exits_2_with_one_line(self, args):
         result = _launch_cli(*args)

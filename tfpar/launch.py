@@ -62,9 +62,15 @@ def check_train_flags(train_flags: Sequence[str], *, local: bool) -> None:
     flag file of other hosts is left out, and the rest is then only parsed.
     """
     kept = list(train_flags)
-    if not local:  # a flag file is a file on the hosts
-        kept = [f for i, f in enumerate(train_flags) if not f.lstrip("-").startswith("flagfile")
-                and not (i and train_flags[i - 1] in ("--flagfile", "-flagfile"))]
+    if not local:  # a flag file is a file on the hosts: left out (absl reads none after "--")
+        end = train_flags.index("--") if "--" in train_flags else len(train_flags)
+        drop = set()
+        for i, flag in enumerate(train_flags[:end]):
+            if flag.startswith(("--flagfile=", "-flagfile=")):
+                drop.add(i)
+            elif flag in ("--flagfile", "-flagfile") and i + 1 < end:
+                drop.update((i, i + 1))
+        kept = [flag for i, flag in enumerate(train_flags) if i not in drop]
     complete = len(kept) == len(train_flags)
     code = f"from tfpar import train; train.check_flags_main(local={local}, complete={complete})"
     train_flags = kept

@@ -214,15 +214,21 @@ def check_flags_main(local: bool = True, complete: bool = True):
 
     With `local`, as `main` would on this machine; otherwise with every path
     flag pointed at a stand-in (paths of other hosts). Without `complete` (a
-    flag file was left out) only that they parse. Prints the resolved strategy
+    flag file was left out) only the checks of single flags and of the
+    parallel options. Prints the resolved strategy
     and virtual device count as JSON: tfpar-launch checks its workers' flags
     this way before starting any.
     """
     argv = parse_flags_one_line(sys.argv)
-    if not complete:
+    if not complete:  # only the checks that do not depend on flags the flag file may hold
         refuse_positional(argv)
         try:
-            options = parallel_options_from_flags()
+            config_lib.choice("model_size", FLAGS.model_size, tuple(config_lib.MODEL_SIZES))
+            config_lib.model_config(FLAGS.model, FLAGS.model_size, seq_len=FLAGS.seq_len,
+                                    dropout=FLAGS.dropout)
+            config_lib.choice("optimizer", FLAGS.optimizer, config_lib.OPTIMIZERS)
+            config_lib.choice("mixed_precision", FLAGS.mixed_precision, config_lib.PRECISIONS)
+            options = config_lib.ParallelConfig(**parallel_options_from_flags()).__dict__
         except ValueError as e:
             fail(str(e))
     else:
