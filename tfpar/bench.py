@@ -70,10 +70,8 @@ def strategy_options() -> dict:
     """
     for name, instead in _SET_PER_CELL.items():
         if FLAGS[name].present:
-            value = FLAGS[name].value
-            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             raise ValueError(
-                f"--{name} is set per cell by tfpar-bench. Received: {name}={shown!r}; "
+                f"--{name} is set per cell by tfpar-bench. Received: {name}={config_lib.shown(FLAGS[name].value)!r}; "
                 f"accepted: {instead}.")
     given = {}
     for name, value in train_cli.parallel_options_from_flags().items():
@@ -81,10 +79,9 @@ def strategy_options() -> dict:
         if not users or not FLAGS[name].present:
             continue
         if not set(users) & set(FLAGS.strategies):
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             raise ValueError(
                 f"--{name} applies only to --strategies including {' or '.join(users)}. Received: "
-                f"strategies={','.join(FLAGS.strategies)}, {name}={shown!r}; accepted: "
+                f"strategies={','.join(FLAGS.strategies)}, {name}={config_lib.shown(value)!r}; accepted: "
                 f"--strategies with {' or '.join(users)}, or no --{name}.")
         given[name] = value
     return given
@@ -146,7 +143,7 @@ def plan_cells(base: config_lib.RunConfig, options=None):
                 if boundaries and len(boundaries) != k - 1:
                     raise ValueError(
                         f"--stage_boundaries fits only pipeline shapes with K={len(boundaries) + 1}. "
-                        f"Received: stage_boundaries={','.join(map(str, boundaries))}, "
+                        f"Received: stage_boundaries={config_lib.shown(boundaries)}, "
                         f"pipeline_shapes={','.join(FLAGS.pipeline_shapes)}; accepted: shapes with "
                         f"K={len(boundaries) + 1}, or no --stage_boundaries.")
                 add(f"pipeline K{k}xM{m}", _with(base, options, strategy="pipeline", num_virtual_devices=k,

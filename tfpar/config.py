@@ -83,6 +83,11 @@ def choice(flag: str, value: str, accepted) -> str:
         f"{', '.join(accepted)}.{hint}")
 
 
+def shown(value):
+    """A flag value as the command line writes it (sequences comma-joined) for error messages."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
 def valid_seed(flag: str, value: int) -> int:
     """Returns `value` if it is a valid random seed, else raises a one-line error."""
     if 0 <= value < 2**32:
@@ -212,10 +217,9 @@ class ParallelConfig:
             users = STRATEGY_ONLY_OPTIONS.get(field.name)
             value = getattr(self, field.name)
             if users and self.strategy not in users and value and value != field.default:
-                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
                 raise ValueError(
                     f"--{field.name} applies only to --strategy={' or '.join(users)}. Received: "
-                    f"strategy={self.strategy}, {field.name}={shown!r}; accepted: "
+                    f"strategy={self.strategy}, {field.name}={shown(value)!r}; accepted: "
                     f"--strategy={' or '.join(users)}, or no --{field.name}.")
 
     @property

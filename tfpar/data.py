@@ -4,7 +4,7 @@ Sources (`DataConfig.dataset`):
   builtin     the `tfpar_text` TFDS builder over CPython's bundled documentation
               text (`pydoc_data.topics`, about 465 KB): works offline.
   text:PATH   the same builder over a user's text file.
-  tfds:NAME   any TFDS dataset with a text feature, through `tfds.load`.
+  tfds:NAME   any TFDS dataset with a text feature, through its `tfds.builder`.
 
 The pipeline is deterministic for a seed: windows of bytes are shuffled with
 the seed (a new permutation per pass), split between input pipelines (`tf.distribute.InputContext`)
@@ -101,7 +101,8 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # TFDS warns about each version folder it cannot read
     try:
-        prepared = tfds.builder(arg, data_dir=data.data_dir).is_prepared()
+        builder = tfds.builder(arg, data_dir=data.data_dir)
+        prepared = builder.is_prepared()
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"--dataset: unknown TFDS dataset. Received: dataset={data.dataset!r}; "
@@ -118,9 +119,10 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
             f"--dataset: TFDS dataset not prepared in --data_dir. Received: "
             f"dataset={data.dataset!r}, data_dir={data.data_dir!r}; accepted: a dataset prepared "
             f"there (`tfds build {arg} --data_dir=...` where there is network), or no --data_dir.")
-    ds, info = tfds.load(arg, split="train", data_dir=data.data_dir, with_info=True,
-                         download=data.data_dir is None)
-    keys = [k for k, f in info.features.items() if getattr(f, "dtype", None) == tf.string]
+    if not prepared:
+        builder.download_and_prepare()
+    ds = builder.as_dataset(split="train")
+    keys = [k for k, f in builder.info.features.items() if getattr(f, "dtype", None) == tf.string]
     if not keys:
         raise ValueError(
             f"--dataset: TFDS dataset has no text feature. Received: dataset={data.dataset!r}; "

@@ -57,12 +57,10 @@ def check_train_flags(train_flags: Sequence[str], *, local: bool) -> None:
 
     The flags are parsed by tfpar-train's own parser in a short subprocess (no
     TensorFlow), after the flags the launcher sets, so whatever form a later
-    `--strategy` or `--num_virtual_devices` takes is caught too. Paths are
-    checked only for `local` workers (printed configs run on other hosts); a
-    flag file of other hosts is left out, and the rest is then only parsed.
+    `--strategy` or `--num_virtual_devices` takes is caught too. For configs
+    printed for other hosts, their paths and flag files are not read here.
     """
-    kept = list(train_flags)
-    if not local:  # a flag file is a file on the hosts: left out (absl reads none after "--")
+    if not local:  # a flag file is a file on the hosts (absl reads none after "--")
         end = train_flags.index("--") if "--" in train_flags else len(train_flags)
         drop = set()
         for i, flag in enumerate(train_flags[:end]):
@@ -70,10 +68,8 @@ def check_train_flags(train_flags: Sequence[str], *, local: bool) -> None:
                 drop.add(i)
             elif flag in ("--flagfile", "-flagfile") and i + 1 < end:
                 drop.update((i, i + 1))
-        kept = [flag for i, flag in enumerate(train_flags) if i not in drop]
-    complete = len(kept) == len(train_flags)
-    code = f"from tfpar import train; train.check_flags_main(local={local}, complete={complete})"
-    train_flags = kept
+        train_flags = [flag for i, flag in enumerate(train_flags) if i not in drop]
+    code = f"from tfpar import train; train.check_flags_main(local={local})"
     try:
         proc = subprocess.run([sys.executable, "-c", code, *_WORKER_FLAGS, *train_flags],
                               capture_output=True, text=True, timeout=120)

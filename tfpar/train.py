@@ -79,6 +79,15 @@ def expand_path(value):
     return os.path.expanduser(value) if value else None
 
 
+def model_from_flags() -> config_lib.ModelConfig:
+    """The ModelConfig of the parsed flags (raises ValueError)."""
+    config_lib.choice("model_size", FLAGS.model_size, tuple(config_lib.MODEL_SIZES))
+    if FLAGS.seq_len is not None:
+        config_lib.positive("seq_len", FLAGS.seq_len)
+    return config_lib.model_config(FLAGS.model, FLAGS.model_size, seq_len=FLAGS.seq_len,
+                                   dropout=FLAGS.dropout)
+
+
 def parallel_options_from_flags() -> dict:
     """ParallelConfig's fields from the parsed flags (not yet validated against each other)."""
     num_virtual_devices = FLAGS.num_virtual_devices
@@ -99,11 +108,7 @@ def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None) -> c
     `parallel` replaces the parallel part the flags describe (tfpar-bench sets
     it per cell).
     """
-    config_lib.choice("model_size", FLAGS.model_size, tuple(config_lib.MODEL_SIZES))
-    if FLAGS.seq_len is not None:
-        config_lib.positive("seq_len", FLAGS.seq_len)
-    model = config_lib.model_config(FLAGS.model, FLAGS.model_size, seq_len=FLAGS.seq_len,
-                                    dropout=FLAGS.dropout)
+    model = model_from_flags()
     kind, colon, source = FLAGS.dataset.partition(":")
     dataset = f"{kind}:{os.path.expanduser(source)}" if kind == "text" and colon else FLAGS.dataset
     data = config_lib.DataConfig(
@@ -209,48 +214,29 @@ def run_main():
     app.run(main, flags_parser=parse_flags_one_line)
 
 
-def check_flags_main(local: bool = True, complete: bool = True):
+def check_flags_main(local: bool = True):
     """Validates tfpar-train flags (sys.argv[1:]) without TensorFlow; bad input exits with one line.
 
-    With `local`, as `main` would on this machine; otherwise with every path
-    flag pointed at a stand-in (paths of other hosts). Without `complete` (a
-    flag file was left out) only the checks of single flags and of the
-    parallel options. Prints the resolved strategy
-    and virtual device count as JSON: tfpar-launch checks its workers' flags
-    this way before starting any.
+    With `local`, as `main` would on this machine. Otherwise (flags for other
+    hosts, whose paths and flag files only they have) each flag's own value
+    and the parallel options only. Prints the resolved strategy and virtual
+    device count as JSON: tfpar-launch checks its workers' flags this way
+    before starting any.
     """
     argv = parse_flags_one_line(sys.argv)
-    if not complete:  # only the checks that do not depend on flags the flag file may hold
+    if local:
+        parallel = checked_config(argv).parallel
+    else:
         refuse_positional(argv)
         try:
-            config_lib.choice("model_size", FLAGS.model_size, tuple(config_lib.MODEL_SIZES))
-            config_lib.model_config(FLAGS.model, FLAGS.model_size, seq_len=FLAGS.seq_len,
-                                    dropout=FLAGS.dropout)
+            model_from_flags()
             config_lib.choice("optimizer", FLAGS.optimizer, config_lib.OPTIMIZERS)
             config_lib.choice("mixed_precision", FLAGS.mixed_precision, config_lib.PRECISIONS)
-            options = config_lib.ParallelConfig(**parallel_options_from_flags()).__dict__
+            parallel = config_lib.ParallelConfig(**parallel_options_from_flags())
         except ValueError as e:
             fail(str(e))
-    else:
-        with tempfile.TemporaryDirectory() as stand_ins:
-            if not local:
-                _paths_to_stand_ins(stand_ins)
-            options = checked_config(argv).parallel.__dict__
-    print(json.dumps({key: options[key] for key in ("strategy", "num_virtual_devices")}))
+    print(json.dumps({"strategy": parallel.strategy, "num_virtual_devices": parallel.num_virtual_devices}))
 
-
-def _paths_to_stand_ins(directory: str) -> None:
-    """Points every path flag given at a stand-in under `directory` (paths of other hosts)."""
-    for name in ("data_dir", "model_dir", "export_dir"):
-        if FLAGS[name].value:
-            FLAGS[name].value = os.path.join(directory, name)
-    if FLAGS.metrics_json and not FLAGS.metrics_json.endswith(os.sep):  # that one is refused as is
-        FLAGS.metrics_json = os.path.join(directory, "metrics.json")
-    kind, _, source = FLAGS.dataset.partition(":")
-    if kind == "text" and source:
-        stand_in = os.path.join(directory, "text")
-        open(stand_in, "w").close()
-        FLAGS.dataset = f"text:{stand_in}"
 
 if __name__ == "__main__":
     run_main()
