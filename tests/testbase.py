@@ -68,6 +68,15 @@ class TestCase(parameterized.TestCase):
             run = run.replace(data=run.data.__class__(**{**run.data.__dict__, "data_dir": self.data_dir}))
         return driver.train(run)
 
+    def assertTrainedInMixedBfloat16(self, result, min_drop: float = 0.0):
+        """Finite, falling losses; float32 weights; every layer computes in bfloat16."""
+        losses = result.metrics["step_losses"]
+        self.assertTrue(np.all(np.isfinite(losses)), losses)
+        self.assertLess(losses[-1], losses[0] - min_drop, losses)
+        self.assertEqual({v.dtype for v in result.model.trainable_variables}, {"float32"})
+        for layer in result.model.stack:
+            self.assertEqual((layer.compute_dtype, layer.variable_dtype), ("bfloat16", "float32"), layer.name)
+
     def assertLossesClose(self, expected: List[float], actual: List[float], rtol: float = 1e-4):
         self.assertLen(actual, len(expected))
         np.testing.assert_allclose(actual, expected, rtol=rtol)
