@@ -39,7 +39,12 @@ class ReportTest(absltest.TestCase):
         self.assertAlmostEqual(pipeline["bubble_fraction_measured"], 0.2)
         self.assertAlmostEqual(pipeline["efficiency_over_gpipe_bound"], 0.9)
         self.assertAlmostEqual(pipeline["compute_efficiency"], 0.22 / 0.4)
-        self.assertGreater(rows["default/tfpar"]["mfu"], 0)
+        # MFU: tokens/s x (6 x params + 12 x layers x seq x d) over the matmul peak of the run.
+        cfg = base.model
+        self.assertEqual(benchmark.model_flops_per_token(cfg, 1000),
+                         6 * 1000 + 12 * cfg.num_layers * cfg.seq_len * cfg.d_model)
+        self.assertAlmostEqual(rows["default/tfpar"]["mfu"], 2560 * benchmark.model_flops_per_token(cfg, 1000)
+                               / rep["matmul_peak_flops"])
         text = benchmark.markdown(rep)
         self.assertIn("| default | tfpar | on | 100 (± 0) | 2,560 |", text)
         self.assertIn("| default | plain | off | 125 (± 0) | 2,048 |", text)
