@@ -1,7 +1,10 @@
 """Data parallelism: `mirrored` must train to the same per-step losses as `default`."""
 
+from unittest import mock
+
 from tests.testbase import TestCase, absltest, keras, np, parameterized, tiny_run
 from tfpar import strategies
+from tfpar import training
 
 
 class MirroredEquivalenceTest(TestCase):
@@ -19,9 +22,19 @@ class MirroredEquivalenceTest(TestCase):
         reference = self.train(tiny_run("default"))
         jitted = self.train(tiny_run("mirrored", devices_count=2, jit_compile=True))
         self.assertLossesClose(reference.metrics["step_losses"], jitted.metrics["step_losses"])
+        self.assertCompiledWithXla(jitted.model, ("gradients",))
         # Without a strategy XLA compiles the optimizer update too.
         jitted_default = self.train(tiny_run("default", jit_compile=True, grad_accum_steps=2))
         self.assertLossesClose(reference.metrics["step_losses"], jitted_default.metrics["step_losses"])
+        self.assertCompiledWithXla(jitted_default.model, ("whole step",))
+
+    def assertCompiledWithXla(self, model, kinds):
+        """The model's step ran through XLA-compiled functions of these kinds only."""
+        compiled = model.train_step_fn._compiled  # pylint: disable=protected-access
+        self.assertEqual(sorted("whole step" if isinstance(key, tuple) else "gradients" for key in compiled),
+                         sorted(kinds))
+        for function in compiled.values():
+            self.assertTrue(function._jit_compile)  # pylint: disable=protected-access
 
     def test_mixed_bfloat16_trains_under_mirrored(self):
         result = self.train(tiny_run("mirrored", devices_count=2, steps=8,
@@ -48,7 +61,9 @@ class GradientAccumulationTest(TestCase):
     def test_accumulation_equals_full_batch(self, strategy, devices_count, optimizer, learning_rate, atol):
         kwargs = dict(devices_count=devices_count, optimizer=optimizer, learning_rate=learning_rate)
         full = self.train(tiny_run(strategy, **kwargs))
-        accumulated = self.train(tiny_run(strategy, grad_accum_steps=2, **kwargs))
+        with mock.patch.object(training, "split_microbatches", wraps=training.split_microbatches) as split:
+            accumulated = self.train(tiny_run(strategy, grad_accum_steps=2, **kwargs))
+        self.assertIn(2, [call.args[1] for call in split.call_args_list])  # the batch was really split
         self.assertLossesClose(full.metrics["step_losses"], accumulated.metrics["step_losses"])
         for a, b in zip(full.model.trainable_variables, accumulated.model.trainable_variables):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=atol, err_msg=a.path)
