@@ -42,10 +42,15 @@ class MirroredEquivalenceTest(TestCase):
         self.assertTrainedInMixedBfloat16(result, min_drop=0.2)
 
     def test_mixed_float16_uses_loss_scaling(self):
-        result = self.train(tiny_run("mirrored", devices_count=2, steps=4,
-                                     mixed_precision="mixed_float16"))
+        """float16 gradients are scaled up before and down after: the weights move as in float32."""
+        kwargs = dict(devices_count=2, steps=5, optimizer="sgd", learning_rate=0.3)
+        reference = self.train(tiny_run("mirrored", **kwargs))
+        result = self.train(tiny_run("mirrored", mixed_precision="mixed_float16", **kwargs))
         self.assertIsInstance(result.model.optimizer, keras.optimizers.LossScaleOptimizer)
-        self.assertTrue(np.all(np.isfinite(result.metrics["step_losses"])))
+        losses, expected = result.metrics["step_losses"], reference.metrics["step_losses"]
+        self.assertTrue(np.all(np.isfinite(losses)))
+        self.assertGreater(expected[0] - expected[-1], 0.1, expected)
+        self.assertLossesClose(expected, losses, rtol=1e-2)
 
 
 class GradientAccumulationTest(TestCase):
