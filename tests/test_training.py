@@ -1,0 +1,41 @@
+"""The optimizer every strategy shares: AdamW's decay exclusions and the learning-rate schedule."""
+
+import re
+
+from tests.testbase import TestCase, absltest, np, tiny_run
+from tfpar import driver
+from tfpar import strategies
+
+
+class OptimizerTest(TestCase):
+
+    def build(self, **changes):
+        run = tiny_run("default", steps=10, learning_rate=1e-3, **changes)
+        return driver.build_model(run, strategies.from_config(run.parallel))
+
+    def test_adamw_decays_matrices_only(self):
+        """A zero-gradient AdamW step changes exactly the weights that are decayed."""
+        model = self.build(warmup_steps=0, weight_decay=0.1)
+        variables = model.trainable_variables
+        for v in variables:
+            v.assign(np.ones(v.shape, v.dtype))
+        model.optimizer.apply_gradients([(np.zeros(v.shape, v.dtype), v) for v in variables])
+        decayed = {v.path for v in variables if not np.allclose(v.numpy(), 1.0, rtol=0, atol=0)}
+        expected = {v.path for v in variables if not re.search(r"(gamma|beta|bias|embeddings)$", v.path)}
+        self.assertTrue(any("kernel" in path for path in expected), expected)
+        self.assertEqual(decayed, expected)
+        for v in variables:
+            if v.path in expected:  # w - lr * wd * w
+                np.testing.assert_allclose(v.numpy(), 1.0 - 1e-3 * 0.1, rtol=1e-6, err_msg=v.path)
+
+    def test_warmup_then_cosine_to_a_tenth(self):
+        optimizer = self.build(warmup_steps=2).optimizer
+        rates = []
+        for step in (0, 1, 2, 6, 10):
+            optimizer.iterations.assign(step)
+            rates.append(float(optimizer.learning_rate))
+        np.testing.assert_allclose(rates, [0.0, 5e-4, 1e-3, 1e-4 + 9e-4 * 0.5, 1e-4], rtol=1e-5, atol=1e-9)
+
+
+if __name__ == "__main__":
+    absltest.main()
