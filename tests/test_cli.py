@@ -72,6 +72,27 @@ class TrainCliTest(TestCase):
         self.assertLen(result.stderr.strip().splitlines(), 1, result.stderr)
 
 
+class GenerateTest(TestCase):
+    """Sampling options change what is sampled (an untrained tiny GPT: its logits are nearly flat)."""
+
+    def test_temperature_top_k_and_seed(self):
+        from tfpar import config as config_lib  # pylint: disable=import-outside-toplevel
+        from tfpar import models  # pylint: disable=import-outside-toplevel
+        from tfpar.models import gpt  # pylint: disable=import-outside-toplevel
+        model = models.build(config_lib.model_config("gpt", "tiny"))
+
+        def sample(**options):
+            return gpt.generate(model, b"The ", max_new_tokens=12, **options)
+
+        greedy = sample()
+        self.assertLen(greedy, 12)
+        self.assertEqual(sample(temperature=1.0, top_k=1, seed=3), greedy)  # one candidate: the argmax
+        self.assertEqual(sample(temperature=1e-4, seed=3), greedy)  # nearly greedy
+        self.assertEqual(sample(temperature=1.0, seed=3), sample(temperature=1.0, seed=3))
+        self.assertNotEqual(sample(temperature=1.0, seed=3), sample(temperature=1.0, seed=4))
+        self.assertNotEqual(sample(temperature=1.0, seed=3), greedy)
+
+
 class ReadmeSnippetsTest(absltest.TestCase):
 
     def test_python_snippets_run_as_written(self):

@@ -11,6 +11,7 @@ import time
 import h5py
 
 from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, run_cli, tiny_run
+from tfpar import generate
 
 RUN_FLAGS = ["--strategy=default", "--model_size=tiny", "--global_batch_size=8",
              "--steps_per_epoch=6", "--epochs=2", "--backup_every_steps=2", "--verbose=0"]
@@ -74,6 +75,10 @@ class ResumeTest(TestCase):
             self.assertEqual(resumed.metrics["resumed_from_step"], 4, name)
             losses[name] = resumed.metrics["step_losses"]
         self.assertLossesClose(losses["clean"], losses["torn"], rtol=1e-6)
+        # tfpar-generate loads the run's final weights.
+        loaded = generate.load_model(f"{work}/torn").get_weights()
+        for expected, actual in zip(resumed.model.get_weights(), loaded, strict=True):
+            np.testing.assert_array_equal(actual, expected)
 
 
 class DeterminismTest(TestCase):
