@@ -1,11 +1,15 @@
 """tfpar-bench's arithmetic: step medians, tfpar/plain ratios, pipeline efficiency."""
 
 import dataclasses
+import os
+from unittest import mock
 
 from absl.testing import flagsaver
 
-from tests.testbase import absltest, tiny_run
+from tests.testbase import TestCase, absltest, tiny_run
 from tfpar import bench
+from tfpar import strategies
+from tfpar import training
 from tfpar import train as train_cli
 from tfpar import benchmark
 
@@ -49,6 +53,11 @@ class ReportTest(absltest.TestCase):
         self.assertIn("| default | tfpar | on | 100 (± 0) | 2,560 |", text)
         self.assertIn("| default | plain | off | 125 (± 0) | 2,048 |", text)
         self.assertIn("| pipeline K2xM8 | 200 | 206 | 160, 170 | 0.80 | 0.89 | 0.90 | 100, 120 | 0.55 |", text)
+        self.assertIn("| 2,560 | ", text)
+        path = os.path.join(self.create_tempdir(), "bench.png")
+        self.assertTrue(benchmark.plot(rep, path))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
     def test_windows_cover_every_step_after_warmup(self):
         ends = [float(i * i) for i in range(30)]  # step i lasts 2i - 1 s
@@ -92,6 +101,36 @@ class PlanTest(absltest.TestCase):
                          {False}, cells)
         bf16 = self._xla(tiny_run("default", mixed_precision="mixed_bfloat16"), jit_compile=None)
         self.assertEqual(bf16[("default", "tfpar")], (False, None))
+
+
+    def test_scaling_cells_vary_one_field_of_the_default_model(self):
+        with flagsaver.flagsaver(strategies=["default"], impls=["tfpar"], scaling=True):
+            cells = [(label, run, extra) for label, _, run, extra in bench.plan_cells(tiny_run("default"))]
+        scaling = [(run, extra["scaling"]) for _, run, extra in cells if extra.get("scaling")]
+        self.assertLen(scaling, sum(len(values) for values in bench.SCALING.values()))
+        base = tiny_run("default").model
+        for run, (field, value) in scaling:
+            self.assertEqual(getattr(run.model, field), value)
+            self.assertEqual(run.data.seq_len, run.model.seq_len)
+            self.assertEqual(run.parallel.strategy, "default")
+            # Width keeps the MLP's ratio to d_model; every other field stays the base's.
+            expected = dict(base.__dict__, **{field: value})
+            if field == "d_model":
+                expected["mlp_dim"] = value * base.mlp_dim // base.d_model
+            self.assertEqual(run.model.__dict__, expected)
+        for field, values in bench.SCALING.items():
+            self.assertGreaterEqual(len(set(values)), 4, field)
+
+
+class PlainKerasCellTest(TestCase):
+
+    def test_plain_cell_trains_without_tfpar_step(self):
+        """The plain-Keras cell is Keras's own train_step and fit, not tfpar's step."""
+        with mock.patch.object(training.TrainStep, "__call__", side_effect=AssertionError("tfpar step")):
+            ends, jit_compile = benchmark._plain_keras_fit(  # pylint: disable=protected-access
+                tiny_run("default"), strategies.get("default"), 3, "auto")
+        self.assertLen(ends, 3)
+        self.assertFalse(jit_compile)  # Keras's "auto" on a CPU-only machine
 
 
 class StrategyOptionsTest(absltest.TestCase):

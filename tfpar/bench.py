@@ -152,7 +152,10 @@ def plan_cells(base: config_lib.RunConfig, options=None):
         single = _with(base, options, strategy="default", num_virtual_devices=0)
         for field, values in SCALING.items():
             for value in values:
-                model = config_lib.ModelConfig(**{**single.model.__dict__, field: value})
+                changes = {field: value}
+                if field == "d_model":  # width: the MLP keeps its ratio to d_model
+                    changes["mlp_dim"] = value * single.model.mlp_dim // single.model.d_model
+                model = config_lib.ModelConfig(**{**single.model.__dict__, **changes})
                 data = config_lib.DataConfig(**{**single.data.__dict__, "seq_len": model.seq_len})
                 add(f"scaling {field}={value}", single.replace(model=model, data=data),
                     scaling=(field, value))
@@ -244,8 +247,9 @@ def main(argv):
     table = benchmark.markdown(report)
     with open(os.path.join(FLAGS.out_dir, "bench.md"), "w") as f:
         f.write(table)
-    benchmark.plot(report, os.path.join(FLAGS.out_dir, "bench.png"))
     print(table)
+    if not benchmark.plot(report, os.path.join(FLAGS.out_dir, "bench.png")):
+        print('bench.png not written: it needs matplotlib (pip install -e ".[bench]").')
 
 
 def run_main():

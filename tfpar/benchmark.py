@@ -250,14 +250,17 @@ def markdown(rep: Dict[str, Any]) -> str:
             f"({rep['peak_dtype']}, 2048^2): {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s\n")
 
 
-def plot(rep: Dict[str, Any], path: str) -> None:
-    """Throughput and MFU per cell, and the scaling curves, into one PNG (needs matplotlib)."""
+def plot(rep: Dict[str, Any], path: str) -> bool:
+    """Throughput and MFU per cell, and the scaling curves, into one PNG.
+
+    Returns False, writing nothing, without matplotlib (`pip install -e ".[bench]"`).
+    """
     try:
         import matplotlib  # pylint: disable=import-outside-toplevel
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     except ImportError:
-        return
+        return False
     rows = [r for r in rep["rows"].values() if not r["scaling"]]
     curves = {}
     for r in rep["rows"].values():
@@ -297,6 +300,7 @@ def plot(rep: Dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return True
 
 
 __all__ = ["measure", "matmul_peak_flops", "model_flops_per_token", "report", "markdown", "plot"]
