@@ -6,7 +6,8 @@ import re
 import subprocess
 import sys
 
-from tests.testbase import REPO_ROOT, TestCase, absltest, run_cli, tf
+from tests.testbase import REPO_ROOT, TestCase, absltest, np, run_cli, tf
+from tfpar import training
 
 TINY = ["--model_size=tiny", "--verbose=0"]
 
@@ -42,9 +43,22 @@ class TrainCliTest(TestCase):
         for event_file in tf.io.gfile.glob(os.path.join(model_dir, "logs", "steps", "events.*")):
             for event in tf.compat.v1.train.summary_iterator(event_file):
                 for value in event.summary.value:
-                    scalars.setdefault(value.tag, []).append(event.step)
+                    scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
         for tag in ("step_loss", "learning_rate", "tokens_per_second", "memory/host_rss_mb"):
-            self.assertEqual(scalars.get(tag), [3, 6], tag)
+            self.assertEqual(sorted(scalars.get(tag, {})), [3, 6], tag)
+        losses = metrics["step_losses"]
+        np.testing.assert_allclose([scalars["step_loss"][3], scalars["step_loss"][6]], [losses[2], losses[5]],
+                                   rtol=1e-6)
+        with open(os.path.join(model_dir, "config.json")) as f:
+            run_config = json.load(f)
+        optimizer = training.build_optimizer(
+            run_config["optimizer"], learning_rate=run_config["learning_rate"], total_steps=6,
+            warmup_steps=run_config["warmup_steps"], weight_decay=run_config["weight_decay"])
+        for step in (3, 6):
+            optimizer.iterations.assign(step)
+            self.assertAlmostEqual(scalars["learning_rate"][step], float(optimizer.learning_rate), places=7)
+        for tag in ("tokens_per_second", "memory/host_rss_mb"):
+            self.assertTrue(all(0 < value < 1e9 for value in scalars[tag].values()), (tag, scalars[tag]))
         traces = tf.io.gfile.glob(os.path.join(model_dir, "logs", "train", "plugins", "profile", "*", "*.xplane.pb"))
         self.assertNotEmpty(traces)
 

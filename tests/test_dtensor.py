@@ -127,6 +127,21 @@ class DTensorLayoutTest(DTensorTestCase):
         self.assertIn("mesh=batch:2,model:2", adapter.describe())
         self.assertIn("gpt/block_0/attention/query/kernel: [None, 'model']", adapter.describe())
 
+    def test_layout_rules_file_replaces_the_default_rules(self):
+        path = os.path.join(self.create_tempdir().full_path, "rules.json")
+        with open(path, "w") as f:
+            json.dump([["fc_in/kernel$", [None, "model"]]], f)
+        run = self.with_data_dir(tiny_run("dtensor", devices_count=2,
+                                          parallel=dict(mesh="model:2", layout_rules=path)))
+        adapter = strategies.from_config(run.parallel)
+        model = driver.build_model(run, adapter)
+        actual = adapter.variable_layouts(model)
+        sharded = [v.path for v in model.trainable_variables if actual[v.path] != ["unsharded"] * len(v.shape)]
+        self.assertNotEmpty(sharded)
+        for path in sharded:
+            self.assertRegex(path, "fc_in/kernel$")
+            self.assertEqual(actual[path], ["unsharded", "model"], path)
+
     def test_unsupported_options_are_refused(self):
         adapter = strategies.get("dtensor", mesh="model:4", num_devices=4)
         with self.assertRaisesRegex(ValueError, "jit_compile"):

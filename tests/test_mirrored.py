@@ -1,8 +1,13 @@
 """Data parallelism: `mirrored` must train to the same per-step losses as `default`."""
 
+import os
+import subprocess
+import sys
 from unittest import mock
 
-from tests.testbase import TestCase, absltest, keras, np, parameterized, tiny_run
+from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, parameterized, tf, tiny_run
+from tfpar import cluster
+from tfpar import config as config_lib
 from tfpar import strategies
 from tfpar import training
 
@@ -35,6 +40,16 @@ class MirroredEquivalenceTest(TestCase):
                          sorted(kinds))
         for function in compiled.values():
             self.assertTrue(function._jit_compile)  # pylint: disable=protected-access
+
+    def test_cross_device_ops_reach_the_strategy(self):
+        for name, expected in (("reduction_to_one_device", tf.distribute.ReductionToOneDevice),
+                               ("hierarchical_copy", tf.distribute.HierarchicalCopyAllReduce)):
+            adapter = strategies.from_config(config_lib.ParallelConfig(
+                strategy="mirrored", num_virtual_devices=2, cross_device_ops=name))
+            self.assertIsInstance(adapter.strategy.extended._cross_device_ops, expected)  # pylint: disable=protected-access
+        # On CPUs each replica has its own input pipeline (no MultiDeviceIterator: BUILD_NOTES.md).
+        self.assertEqual(adapter.input_options().experimental_replication_mode,
+                         tf.distribute.InputReplicationMode.PER_REPLICA)
 
     def test_mixed_bfloat16_trains_under_mirrored(self):
         result = self.train(tiny_run("mirrored", devices_count=2, steps=8,
@@ -72,6 +87,31 @@ class GradientAccumulationTest(TestCase):
         self.assertLossesClose(full.metrics["step_losses"], accumulated.metrics["step_losses"])
         for a, b in zip(full.model.trainable_variables, accumulated.model.trainable_variables):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=atol, err_msg=a.path)
+
+
+class ThreadShareTest(absltest.TestCase):
+    """Virtual CPUs that run ops at once share the cores, unless the user sized TF's pool."""
+
+    def intra_op_threads(self, **env):
+        code = ("import tensorflow as tf; from tfpar import devices; devices.configure_virtual_devices(2, 2); "
+                "print(tf.config.threading.get_intra_op_parallelism_threads())")
+        environ = {k: v for k, v in os.environ.items() if k != "TF_NUM_INTRAOP_THREADS"}
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env={**environ, **env},
+                                capture_output=True, text=True, timeout=120, check=False)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        return int(result.stdout.split()[-1])
+
+    def test_each_concurrent_virtual_cpu_gets_its_share(self):
+        self.assertEqual(self.intra_op_threads(), max(1, cluster.local_cores() // 2))
+        self.assertEqual(self.intra_op_threads(TF_NUM_INTRAOP_THREADS="3"), 0)  # TF reads the user's value
+
+    def test_devices_that_run_at_once(self):
+        def concurrent(strategy, **options):
+            return config_lib.ParallelConfig(strategy=strategy, **options).concurrent_devices
+        self.assertEqual(concurrent("default"), 1)
+        self.assertEqual(concurrent("mirrored", num_virtual_devices=4), 4)
+        self.assertEqual(concurrent("dtensor", num_virtual_devices=4, mesh="batch:2,model:2"), 4)
+        self.assertEqual(concurrent("pipeline", num_virtual_devices=4, pipeline_stages=2), 2)
 
 
 class UserModelTest(TestCase):

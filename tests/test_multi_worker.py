@@ -161,6 +161,75 @@ class LauncherCliTest(parameterized.TestCase):
         self.assertLen(result.stderr.strip().splitlines(), 1, result.stderr)
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class LauncherSignalTest(absltest.TestCase):
+    """The launcher's workers end with it: on SIGTERM, on SIGKILL, and at its timeout."""
+
+    SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+    SCRIPT = textwrap.dedent("""
+        import sys
+        from tfpar import launch
+        sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+        launcher = launch.local_launcher(2, [], commands=[sleeper, sleeper], grace_seconds=1.0)
+        launcher.start()
+        print(" ".join(str(p.pid) for p in launcher.procs), flush=True)
+        sys.exit(launcher.wait())
+        """)
+
+    def start_launcher(self):
+        proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait, timeout=30)
+        self.addCleanup(proc.kill)
+        pids = [int(pid) for pid in proc.stdout.readline().split()]
+        self.assertLen(pids, 2)
+        for pid in pids:
+            self.addCleanup(lambda pid=pid: _running(pid) and os.kill(pid, signal.SIGKILL))
+        return proc, pids
+
+    @staticmethod
+    def catches(pid: int, signum: int) -> bool:
+        """Whether process `pid` has a handler for `signum` (Linux: SigCgt in /proc)."""
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+        return bool(int(caught, 16) >> (signum - 1) & 1)
+
+    def assertStopped(self, pids, within=10.0):
+        deadline = time.monotonic() + within
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual([pid for pid in pids if _running(pid)], [])
+
+    def test_sigterm_is_forwarded_and_exits_143(self):
+        proc, pids = self.start_launcher()
+        deadline = time.monotonic() + 10
+        while not self.catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.02)  # until wait() has installed its handler
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=15), 128 + signal.SIGTERM)
+        self.assertStopped(pids)
+
+    def test_a_killed_launcher_leaves_no_worker(self):
+        proc, pids = self.start_launcher()
+        proc.kill()
+        proc.wait(timeout=15)
+        self.assertStopped(pids)
+
+    def test_timeout_stops_the_workers_with_124(self):
+        launcher = launch.local_launcher(2, [], commands=[self.SLEEPER] * 2, grace_seconds=0.5,
+                                         out=io.StringIO())
+        launcher.start()
+        self.addCleanup(launcher.stop, 0.0)
+        with mock.patch("sys.stderr", io.StringIO()):
+            self.assertEqual(launcher.wait(timeout=0.5), 124)
+        self.assertEqual([p.poll() is None for p in launcher.procs], [False, False])
+
+
 class MultiWorkerProcessTest(absltest.TestCase):
     """2 workers on loopback: same losses as mirrored, user models, fail-fast."""
 

@@ -60,6 +60,16 @@ class ResumeTest(TestCase):
         for name in expected:
             np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
+    def test_the_last_step_is_backed_up_off_the_interval(self):
+        """Rerunning a finished run (5 steps, backups every 2) restores step 5 and trains nothing."""
+        work = self.create_tempdir().full_path
+        first = self.train(tiny_run(model_dir=work, steps=5, backup_every_steps=2))
+        rerun = self.train(tiny_run(model_dir=work, steps=5, backup_every_steps=2))
+        self.assertEqual(rerun.metrics["resumed_from_step"], 5)
+        self.assertEqual(rerun.metrics["step_losses"], [])
+        for expected, actual in zip(first.model.get_weights(), rerun.model.get_weights(), strict=True):
+            np.testing.assert_array_equal(actual, expected)
+
     def test_torn_checkpoint_write_keeps_the_last_good_one(self):
         work = self.create_tempdir().full_path
         losses = {}
