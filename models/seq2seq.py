@@ -11,8 +11,7 @@ from tfpar.models import layers
 class Seq2SeqEmbed(keras.layers.Layer):
     """{encoder_tokens, decoder_tokens} -> (encoder_state, decoder_state).
 
-    Encoder and decoder share the token embedding (T5-style) but have their own
-    position embeddings.
+    Encoder and decoder each have their own token and position embeddings.
     """
 
     def __init__(self, cfg, **kwargs):

@@ -59,6 +59,21 @@ class DataTest(TestCase):
             f.write("abcdefgh" * 500)
         x, _ = first_batches(self.run_config(dataset=f"text:{path}"), 1)[0]
         self.assertTrue(set(np.unique(x)) <= set(b"abcdefgh"))
+        with open(path, "w") as f:  # the same file edited: its new text, not the prepared old one
+            f.write("xyz" * 1000)
+        x, _ = first_batches(self.run_config(dataset=f"text:{path}"), 1)[0]
+        self.assertTrue(set(np.unique(x)) <= set(b"xyz"))
+
+    def test_each_pass_is_a_new_permutation_of_every_window(self):
+        path = os.path.join(self.create_tempdir().full_path, "corpus.txt")
+        with open(path, "wb") as f:  # 40 windows of 33 bytes, each starting with its number
+            f.write(b"".join(bytes([i]) + bytes(32) for i in range(40)))
+        run = self.run_config(dataset=f"text:{path}", global_batch_size=4)
+        firsts = [int(t) for x, y in first_batches(run, 20) for t in x[:, 0]]
+        passes = [firsts[:40], firsts[40:]]
+        for order in passes:
+            self.assertEqual(sorted(order), list(range(40)))
+        self.assertNotEqual(passes[0], passes[1])
 
     def test_tfds_source_with_mock_data(self):
         # No --data_dir: the download path, which mock_data replaces (nothing is fetched).
@@ -79,7 +94,12 @@ class DataTest(TestCase):
         run = run.replace(data=config_lib.DataConfig(**{**run.data.__dict__, "data_dir": self.data_dir}))
         x, y = first_batches(run, 1)[0]
         masked = x["encoder_tokens"] == config_lib.MASK_ID
-        self.assertGreater(masked.mean(), 0.05)
+        self.assertBetween(masked.mean(), 0.08, 0.3)  # spans of 3 starting at rate 0.05
+        for row in masked:  # runs of masked tokens are whole spans, and rows differ
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(int), [0]])))
+            runs = [(end - start, end) for start, end in zip(edges[::2], edges[1::2])]
+            self.assertTrue(all(length >= 3 or end == len(row) for length, end in runs), row)
+        self.assertGreater(len({row.tobytes() for row in masked}), 1)
         np.testing.assert_array_equal(x["encoder_tokens"][~masked], y[~masked])
         np.testing.assert_array_equal(x["decoder_tokens"][:, 0], config_lib.BOS_ID)
         np.testing.assert_array_equal(x["decoder_tokens"][:, 1:], y[:, :-1])

@@ -83,6 +83,14 @@ def _prepared(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core
     return builder
 
 
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     """A dataset of scalar `tf.string` texts for `data.dataset`.
 
@@ -93,9 +101,8 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     kind, _, arg = data.dataset.partition(":")
     if kind in ("builtin", "text"):
         builder_config = None
-        if kind == "text":
-            digest = hashlib.sha1(os.path.abspath(arg).encode()).hexdigest()[:12]
-            builder_config = TextConfig(name=f"file_{digest}", path=arg)
+        if kind == "text":  # prepared once per content: an edited file is prepared again
+            builder_config = TextConfig(name=f"file_{_file_digest(arg)}", path=arg)
         builder = _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
         return builder.as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])
     verbosity = logging.get_verbosity()
