@@ -118,10 +118,13 @@ class NonFiniteLossTest(TestCase):
         # Warmup from lr 0: the first steps are finite, then SGD at up to 1e9 blows up.
         run = tiny_run(optimizer="sgd", learning_rate=1e9, warmup_steps=4, steps=8,
                        model_dir=work, backup_every_steps=1)
+        counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: steps.append(batch))
+        steps = []
         with self.assertRaisesRegex(FloatingPointError, r"non-finite at step \d+") as raised:
-            self.train(run)
+            self.train(run, extra_callbacks=[counter])
         bad_step = int(re.search(r"step (\d+)", str(raised.exception)).group(1))
         self.assertGreater(bad_step, 2)
+        self.assertLen(steps, bad_step)  # training stopped at that step
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
         latest = tf.train.latest_checkpoint(f"{work}/backup")
         # The backup after step bad_step - 1 fed the non-finite loss: the one before it is kept.

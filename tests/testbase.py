@@ -62,11 +62,11 @@ class TestCase(parameterized.TestCase):
         reset_devices()
         keras.mixed_precision.set_global_policy("float32")
 
-    def train(self, run: config_lib.RunConfig):
+    def train(self, run: config_lib.RunConfig, extra_callbacks=()):
         from tfpar import driver  # pylint: disable=import-outside-toplevel
         if run.data.data_dir is None:
             run = run.replace(data=run.data.__class__(**{**run.data.__dict__, "data_dir": self.data_dir}))
-        return driver.train(run)
+        return driver.train(run, extra_callbacks=extra_callbacks)
 
     def assertTrainedInMixedBfloat16(self, result, min_drop: float = 0.0):
         """Finite, falling losses; float32 weights; every layer computes in bfloat16."""
