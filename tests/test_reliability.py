@@ -6,12 +6,16 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from unittest import mock
 
 import h5py
 
 from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, run_cli, tiny_run
+from tfpar import driver
 from tfpar import generate
+from tfpar.strategies import default as default_strategy
 
 RUN_FLAGS = ["--strategy=default", "--model_size=tiny", "--global_batch_size=8",
              "--steps_per_epoch=6", "--epochs=2", "--backup_every_steps=2", "--verbose=0"]
@@ -89,6 +93,31 @@ class ResumeTest(TestCase):
         loaded = generate.load_model(f"{work}/torn").get_weights()
         for expected, actual in zip(resumed.model.get_weights(), loaded, strict=True):
             np.testing.assert_array_equal(actual, expected)
+
+
+class NonChiefAdapter(default_strategy.DefaultAdapter):
+    """A worker that is not the chief (as under multi_worker), on one device."""
+
+    @property
+    def is_chief(self) -> bool:
+        return False
+
+
+class ChiefFilesTest(TestCase):
+
+    def test_only_the_chief_writes_and_other_workers_leave_nothing(self):
+        work = self.create_tempdir().full_path
+        os.makedirs(f"{work}/tmp")
+        run = tiny_run(steps=2, model_dir=f"{work}/model", metrics_json=f"{work}/metrics.json",
+                       export_dir=f"{work}/export", backup_every_steps=1, data_dir=self.data_dir)
+        with mock.patch.object(tempfile, "tempdir", f"{work}/tmp"), \
+                mock.patch.object(tempfile, "mkdtemp", wraps=tempfile.mkdtemp) as mkdtemp:
+            result = driver.train(run, adapter=NonChiefAdapter())
+        self.assertLen(result.metrics["step_losses"], 2)
+        self.assertEqual(sorted(os.listdir(work)), ["tmp"])  # no model_dir, metrics or export
+        self.assertEqual([call.kwargs for call in mkdtemp.call_args_list], [{"prefix": "tfpar_worker_"}])
+        # Its own backups went to that temporary directory, which is gone.
+        self.assertEqual([name for name in os.listdir(f"{work}/tmp") if name.startswith("tfpar_worker_")], [])
 
 
 class DeterminismTest(TestCase):
