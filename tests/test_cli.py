@@ -1,5 +1,6 @@
 """The command line: a run writes metrics, checkpoints and logs; generate samples from it."""
 
+import dataclasses
 import json
 import os
 import re
@@ -7,6 +8,9 @@ import subprocess
 import sys
 
 from tests.testbase import REPO_ROOT, TestCase, absltest, np, run_cli, tf
+from tfpar import config as config_lib
+from tfpar import modeling
+from tfpar import models
 from tfpar import training
 
 TINY = ["--model_size=tiny", "--verbose=0"]
@@ -34,7 +38,14 @@ class TrainCliTest(TestCase):
         self.assertEqual(metrics["num_replicas"], 2)
         self.assertLen(metrics["step_losses"], 6)
         self.assertEqual(metrics["final_loss"], metrics["step_losses"][-1])
-        self.assertGreater(metrics["tokens_per_second"], 0)
+        ends = metrics["step_end_seconds"]  # the first step (tracing) is left out of the throughput
+        self.assertAlmostEqual(metrics["tokens_per_second"], 5 * 8 * 32 / (ends[5] - ends[0]), places=3)
+        self.assertGreaterEqual(metrics["wall_seconds"], ends[-1])
+        self.assertLen(set(metrics["devices"]), 2)
+        self.assertEqual((metrics["global_batch_size"], metrics["grad_accum_steps"]), (8, 1))
+        tiny = config_lib.model_config("gpt", "tiny")
+        self.assertEqual(metrics["model_config"], dataclasses.asdict(tiny))
+        self.assertEqual(metrics["params"], modeling.count_params(models.build(tiny)))
         for name in ("final.weights.h5", "config.json", "checkpoints/epoch_002.weights.h5"):
             self.assertTrue(os.path.exists(os.path.join(model_dir, name)), name)
         with open(os.path.join(model_dir, "config.json")) as f:
@@ -90,8 +101,6 @@ class GenerateTest(TestCase):
     """Sampling options change what is sampled (an untrained tiny GPT: its logits are nearly flat)."""
 
     def test_temperature_top_k_and_seed(self):
-        from tfpar import config as config_lib  # pylint: disable=import-outside-toplevel
-        from tfpar import models  # pylint: disable=import-outside-toplevel
         from tfpar.models import gpt  # pylint: disable=import-outside-toplevel
         model = models.build(config_lib.model_config("gpt", "tiny"))
 

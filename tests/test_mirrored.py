@@ -41,12 +41,15 @@ class MirroredEquivalenceTest(TestCase):
         for function in compiled.values():
             self.assertTrue(function._jit_compile)  # pylint: disable=protected-access
 
-    def test_cross_device_ops_reach_the_strategy(self):
+    def test_devices_and_cross_device_ops_reach_the_strategy(self):
         for name, expected in (("reduction_to_one_device", tf.distribute.ReductionToOneDevice),
                                ("hierarchical_copy", tf.distribute.HierarchicalCopyAllReduce)):
             adapter = strategies.from_config(config_lib.ParallelConfig(
                 strategy="mirrored", num_virtual_devices=2, cross_device_ops=name))
             self.assertIsInstance(adapter.strategy.extended._cross_device_ops, expected)  # pylint: disable=protected-access
+        self.assertEqual(adapter.num_replicas, 2)
+        picked = strategies.from_config(config_lib.ParallelConfig(strategy="mirrored", devices=("/cpu:1", "cpu:3")))
+        self.assertEqual([name.split("device:")[-1] for name in picked.devices], ["CPU:1", "CPU:3"])
         # On CPUs each replica has its own input pipeline (no MultiDeviceIterator: BUILD_NOTES.md).
         self.assertEqual(adapter.input_options().experimental_replication_mode,
                          tf.distribute.InputReplicationMode.PER_REPLICA)

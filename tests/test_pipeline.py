@@ -207,6 +207,15 @@ class PipelineMemoryTest(TestCase):
 
 class UserModelPipelineTest(TestCase):
 
+    def test_stages_are_balanced_by_parameter_count(self):
+        """448 | 1040 + 136 + 9 parameters: cut after the first layer, not in the middle."""
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(64), keras.layers.Dense(16),
+                                  keras.layers.Dense(8), keras.layers.Dense(1)])
+        adapter = strategies.get("pipeline", num_stages=2, num_microbatches=2, num_devices=4)
+        pipelined = adapter.pipeline(model)
+        self.assertEqual((adapter.boundaries, adapter.stage_params), ((1,), [448, 1185]))
+        self.assertEqual(adapter.per_device_param_bytes(pipelined), [448 * 4, 1185 * 4, 0, 0])  # 2 replicas
+
     def test_user_sequential_pipelined_equals_plain_fit(self):
         def make():
             keras.utils.set_random_seed(3)
