@@ -15,6 +15,8 @@ import h5py
 from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, run_cli, tiny_run
 from tfpar import driver
 from tfpar import generate
+from tfpar import plan
+from tfpar import strategies
 from tfpar.strategies import default as default_strategy
 
 RUN_FLAGS = ["--strategy=default", "--model_size=tiny", "--global_batch_size=8",
@@ -181,22 +183,41 @@ class ExportAndPlanTest(TestCase):
         script = (
             "import numpy as np, tensorflow as tf\n"
             f"m = tf.saved_model.load({export_dir + '/saved_model'!r})\n"
-            "tokens = np.zeros((1, 32), np.int32); tokens[0, :3] = [84, 104, 101]\n"
-            "out = m.serve(tf.constant(tokens), tf.constant([3]))\n"
-            "print(int(out['next_token'][0]), float(out['next_token_logits'][0, 0]))\n"
+            "tokens = np.zeros((2, 32), np.int32); tokens[0, :3] = [84, 104, 101]\n"
+            "tokens[1, :5] = [72, 101, 108, 108, 111]\n"
+            "out = m.serve(tf.constant(tokens), tf.constant([3, 5]))\n"
+            "print(*out['next_token'].numpy(), *out['next_token_logits'].numpy()[:, 0])\n"
             "import keras, tfpar.models\n"
             f"k = keras.models.load_model({export_dir + '/model.keras'!r})\n"
-            "print(float(k(tf.constant(tokens))[0, 2, 0]))\n")
+            "print(float(k(tf.constant(tokens))[1, 4, 0]))\n")
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                 timeout=120, cwd=REPO_ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        token, logit, keras_logit = result.stdout.split()
-        tokens = np.zeros((1, 32), np.int32)
+        *next_tokens, logit_0, logit_1, keras_logit = result.stdout.split()
+        tokens = np.zeros((2, 32), np.int32)
         tokens[0, :3] = [84, 104, 101]
-        expected = trained.model(tokens).numpy()[0, 2]
-        self.assertEqual(int(token), int(np.argmax(expected)))
-        self.assertAlmostEqual(float(logit), float(expected[0]), places=4)
-        self.assertAlmostEqual(float(keras_logit), float(expected[0]), places=4)
+        tokens[1, :5] = [72, 101, 108, 108, 111]
+        logits = trained.model(tokens).numpy()
+        expected = [logits[0, 2], logits[1, 4]]  # each row at its own last token
+        self.assertEqual([int(t) for t in next_tokens], [int(np.argmax(e)) for e in expected])
+        self.assertAlmostEqual(float(logit_0), float(expected[0][0]), places=4)
+        self.assertAlmostEqual(float(logit_1), float(expected[1][0]), places=4)
+        self.assertAlmostEqual(float(keras_logit), float(expected[1][0]), places=4)
+
+    def test_plan_figures(self):
+        """Parameter, optimizer and activation bytes of the tiny models under `default`."""
+        for name, layers in (("gpt", 2), ("seq2seq", 4)):  # seq2seq: encoder and decoder layers
+            run = tiny_run(model=name, global_batch_size=8, grad_accum_steps=2)
+            adapter = strategies.from_config(run.parallel)
+            model = driver.build_model(run, adapter)
+            figures = plan.make_plan(run, adapter, model)
+            params = figures["params"]
+            self.assertEqual(figures["per_device_param_bytes"], [4 * params], name)
+            self.assertEqual(figures["per_device_optimizer_bytes"], [8 * params], name)  # AdamW: 2 slots
+            self.assertEqual((figures["per_replica_batch_size"], figures["micro_batch_size"]), (8, 4))
+            s, h, a = run.model.seq_len, run.model.d_model, run.model.num_heads  # Megatron's per layer, fp32
+            expected = layers * s * 4 * h * (34 + 5 * a * s / h) * 4 / 2
+            self.assertEqual(figures["estimated_activation_bytes_per_replica"], int(expected), name)
 
     def test_plan_only_prints_the_plan_and_does_not_train(self):
         result = run_cli("tfpar.train", "--plan_only", "--strategy=mirrored", "--num_virtual_devices=2",
