@@ -59,6 +59,14 @@ class ReportTest(absltest.TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
+    def test_rounds_pool_their_windows(self):
+        base = tiny_run("default")  # AdamW: weights + 2 moments per parameter byte
+        results = [_result("default", "tfpar", base, step) for step in (0.100, 0.100, 0.130)]
+        row = benchmark.report(results, base)["rows"]["default/tfpar"]
+        self.assertEqual(row["windows"], 3 * len(results[0]["step_seconds_windows"]))
+        self.assertAlmostEqual(row["step_seconds"], 0.100)  # the median of every round's windows
+        self.assertEqual(row["per_device_state_bytes"], 3 * 4000)
+
     def test_windows_cover_every_step_after_warmup(self):
         ends = [float(i * i) for i in range(30)]  # step i lasts 2i - 1 s
         rates = benchmark.window_rates(ends, warmup=6, window=4)

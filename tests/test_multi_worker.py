@@ -121,8 +121,19 @@ class LauncherCliTest(parameterized.TestCase):
         lines = result.stdout.splitlines()
         self.assertLen(lines, 2)
         for i, line in enumerate(lines):
-            text = line.split("'")[1]
-            self.assertEqual(cluster.parse_tf_config(text).task_index, i)
+            spec = cluster.parse_tf_config(line.split("'")[1])
+            self.assertEqual((spec.task_type, spec.task_index), ("worker", i))
+            self.assertEqual(dict(spec.cluster), {"worker": ("h1:2222", "h2:2223")})
+
+    def test_communication_reaches_the_strategy(self):
+        code = ("from tfpar import strategies; "
+                "print(strategies.get('multi_worker', communication='ring')"
+                ".strategy.extended._communication_options.implementation.name)")
+        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT,
+                                env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"}, check=False)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertEqual(result.stdout.split()[-1], "RING")
 
     def test_kubernetes_manifest(self):
         result = _launch_cli("--print_tf_config", "--kubernetes", "--hosts=a:1,b:2", "--",
@@ -130,7 +141,9 @@ class LauncherCliTest(parameterized.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("kind: TFJob", result.stdout)
         self.assertIn("replicas: 2", result.stdout)
-        self.assertIn('"--strategy=multi_worker"', result.stdout)
+        command = next(line for line in result.stdout.splitlines() if line.strip().startswith("command:"))
+        self.assertEqual(json.loads(command.split(":", 1)[1]),
+                         ["tfpar-train", "--strategy=multi_worker", "--num_virtual_devices=0", "--model_size=tiny"])
 
     def test_printed_configs_do_not_check_paths_here(self):
         for train_flags in (
