@@ -162,6 +162,18 @@ class DTensorTrainStep(training.TrainStep):
     at the end.
     """
 
+    @staticmethod
+    def split(tree, k: int):
+        """Micro-batch i takes rows i, i + k, i + 2k, ...: DTensor cannot split a
+        batch-sharded axis, but it can reshape it to (batch / k, k) and slice."""
+        if k == 1:
+            return [tree]
+
+        def strided(t, i):
+            rows = tf.reshape(t, tf.concat([[tf.shape(t)[0] // k, k], tf.shape(t)[1:]], axis=0))
+            return rows[:, i]
+        return [tf.nest.map_structure(lambda t, i=i: strided(t, i), tree) for i in range(k)]
+
     def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
         variables = model.trainable_variables
         optimizer = model.optimizer

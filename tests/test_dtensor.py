@@ -66,19 +66,22 @@ class DTensorEquivalenceTest(DTensorTestCase):
 
     _reference = {}
 
-    # Both optimizers on the 2-D mesh; AdamW (whose slots need layouts too) on the 1-D meshes.
+    # Both optimizers on the 2-D mesh; AdamW (whose slots need layouts too) on the 1-D meshes;
+    # 2 micro-batches a step (strided rows of the batch-sharded input) equal the whole batch.
     @parameterized.named_parameters(
         ("batch2_model2_sgd", "batch:2,model:2", ("sgd", 0.3)),
         ("batch2_model2_adamw", "batch:2,model:2", ("adamw", 2e-3)),
+        ("batch2_model2_adamw_accumulated", "batch:2,model:2", ("adamw", 2e-3), 2),
         ("model4_adamw", "model:4", ("adamw", 2e-3)),
         ("batch4_adamw", "batch:4", ("adamw", 2e-3)))
-    def test_dtensor_equals_default(self, mesh, optimizer):
+    def test_dtensor_equals_default(self, mesh, optimizer, grad_accum_steps=1):
         name, learning_rate = optimizer
         kwargs = dict(steps=10, optimizer=name, learning_rate=learning_rate)
         if name not in self._reference:  # the default strategy's losses, once per optimizer
             self._reference[name] = self.train(tiny_run("default", **kwargs)).metrics["step_losses"]
             reset_dtensor()
-        result = self.train(tiny_run("dtensor", devices_count=4, parallel=dict(mesh=mesh), **kwargs))
+        result = self.train(tiny_run("dtensor", devices_count=4, parallel=dict(mesh=mesh),
+                                     grad_accum_steps=grad_accum_steps, **kwargs))
         self.assertEqual(result.metrics["mesh"], layouts.parse_mesh(mesh).__str__())
         self.assertLossesClose(self._reference[name], result.metrics["step_losses"])
 

@@ -96,11 +96,16 @@ class TrainStep:
             self._compiled[("whole", id(model))] = step_fn
         return step_fn(x, y, scale)
 
+    @staticmethod
+    def split(tree: Any, k: int) -> List[Any]:
+        """The k micro-batches of a batch (equal parts along the batch axis)."""
+        return split_microbatches(tree, k)
+
     def _accumulate(self, micro_fn, x, y) -> Tuple[tf.Tensor, list]:
         """Sums micro_fn's (loss, grads) over micro-batches, one after another."""
         k = self.grad_accum_steps
         total_loss, total_grads = None, None
-        for mx, my in zip(split_microbatches(x, k), split_microbatches(y, k)):
+        for mx, my in zip(self.split(x, k), self.split(y, k)):
             deps = [] if total_grads is None else [g for g in total_grads if g is not None]
             with tf.control_dependencies(deps):  # bounds live activations to one micro-batch
                 loss, grads = micro_fn(mx, my)
