@@ -64,6 +64,13 @@ class DataTest(TestCase):
         x, _ = first_batches(self.run_config(dataset=f"text:{path}"), 1)[0]
         self.assertTrue(set(np.unique(x)) <= set(b"xyz"))
 
+    def test_too_little_text_for_one_window_is_a_value_error(self):
+        path = os.path.join(self.create_tempdir().full_path, "short.txt")
+        with open(path, "w") as f:
+            f.write("hello world\n")
+        with self.assertRaisesRegex(ValueError, "too little text.*12 tokens.*at least 33"):
+            first_batches(self.run_config(dataset=f"text:{path}"), 1)
+
     def test_each_pass_is_a_new_permutation_of_every_window(self):
         path = os.path.join(self.create_tempdir().full_path, "corpus.txt")
         with open(path, "wb") as f:  # 40 windows of 33 bytes, each starting with its number

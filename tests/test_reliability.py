@@ -1,5 +1,6 @@
 """Resume after SIGKILL, determinism, non-finite loss, export, plan."""
 
+import dataclasses
 import json
 import os
 import re
@@ -12,7 +13,7 @@ from unittest import mock
 
 import h5py
 
-from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, run_cli, tiny_run
+from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, run_cli, tf, tiny_run
 from tfpar import driver
 from tfpar import generate
 from tfpar import plan
@@ -75,6 +76,28 @@ class ResumeTest(TestCase):
         self.assertEqual(rerun.metrics["step_losses"], [])
         for expected, actual in zip(first.model.get_weights(), rerun.model.get_weights(), strict=True):
             np.testing.assert_array_equal(actual, expected)
+        # Fewer steps than the saved run (2 epochs of 2): still nothing to train, no step added.
+        shorter = self.train(tiny_run(model_dir=work, steps=2, epochs=2, backup_every_steps=2))
+        self.assertEqual((shorter.metrics["resumed_from_step"], shorter.metrics["step_losses"]), (5, []))
+        self.assertEqual(tf.train.latest_checkpoint(f"{work}/backup"), f"{work}/backup/ckpt-5")
+
+    def test_a_resume_that_would_read_other_data_is_refused_and_changes_nothing(self):
+        work = self.create_tempdir().full_path
+        self.train(tiny_run(model_dir=work, steps=2))
+        with open(f"{work}/config.json") as f:
+            saved = f.read()
+        for changes in (dict(global_batch_size=16), dict(seed=1)):
+            run = tiny_run(model_dir=work, steps=4, **changes)
+            if "seed" in changes:  # --seed sets both seeds, as tfpar-train does
+                run = run.replace(data=dataclasses.replace(run.data, seed=1))
+            with self.assertRaisesRegex(ValueError, "read other data.*accepted: .*a new --model_dir"):
+                self.train(run)
+            with open(f"{work}/config.json") as f:
+                self.assertEqual(f.read(), saved, changes)
+        with self.assertRaisesRegex(ValueError, "another run"):  # another model: refused by the restore
+            self.train(tiny_run(model_dir=work, steps=4, model="seq2seq"))
+        with open(f"{work}/config.json") as f:
+            self.assertEqual(f.read(), saved)
 
     def test_torn_checkpoint_write_keeps_the_last_good_one(self):
         work = self.create_tempdir().full_path

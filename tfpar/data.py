@@ -139,8 +139,22 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
 
 
 def token_windows(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
-    """Consecutive, non-overlapping windows of `length` byte tokens (int32), cached."""
+    """Consecutive, non-overlapping windows of `length` byte tokens (int32), cached.
+
+    Raises:
+      ValueError: if the whole dataset holds fewer than `length` tokens.
+    """
     texts = text_dataset(data)
+    tokens_seen = 0
+    for text in texts:  # stops at the first record for any real corpus
+        tokens_seen += len(text.numpy())
+        if tokens_seen >= length:
+            break
+    else:
+        raise ValueError(
+            f"--dataset holds too little text for one training window. Received: "
+            f"dataset={data.dataset!r} with {tokens_seen} tokens (bytes); accepted: at least "
+            f"{length} tokens for --seq_len={data.seq_len}.")
     tokens = texts.map(lambda t: tf.cast(tf.io.decode_raw(t, tf.uint8), tf.int32))
     return tokens.unbatch().batch(length, drop_remainder=True).cache()
 

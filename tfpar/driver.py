@@ -104,14 +104,17 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
         start_step = 0
         if work_dir:
             os.makedirs(work_dir, exist_ok=True)
-            with open(os.path.join(work_dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(run), f, indent=2)
             backup = checkpointing.StepBackup(
                 os.path.join(work_dir, "backup"), model,
                 every_steps=run.backup_every_steps or run.steps_per_epoch,
                 restore_from=os.path.join(run.model_dir, "backup"))
             with adapter.scope():  # the optimizer may build its slots here
                 start_step = backup.restore()
+            if start_step:
+                _check_same_data(run)
+            # Written once the resume is accepted: a refused rerun leaves the model_dir as it was.
+            with open(os.path.join(work_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(run), f, indent=2)
             callbacks.append(backup)
             if start_step and run.verbose:
                 print(f"tfpar: resuming from the backup at step {start_step}", flush=True)
@@ -143,11 +146,31 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _check_same_data(run: config_lib.RunConfig) -> None:
+    """A resumed run must read the data as the saved run did, or it resumes at the wrong batch."""
+    path = os.path.join(run.model_dir, "config.json")
+    if not os.path.exists(path):  # e.g. a worker on another host than the chief
+        return
+    with open(path) as f:
+        saved = json.load(f).get("data", {})
+    current = dataclasses.asdict(run.data)
+    changed = [k for k in current if k != "data_dir" and k in saved and saved[k] != current[k]]
+    if changed:
+        raise ValueError(
+            "--model_dir holds a run that read other data, so it cannot resume at the batch where "
+            "that run stopped. Received: " + ", ".join(f"{k}={current[k]!r}" for k in changed) +
+            "; accepted: " + ", ".join(f"{k}={saved[k]!r}" for k in changed) + " as in " + path +
+            ", or a new --model_dir.")
+
+
 def _fit_from(run, adapter, model, start_step: int, callbacks) -> None:
     """Runs `fit` for the steps after `start_step`, on exactly the batches not yet seen.
 
-    A run resumed mid-epoch first finishes that epoch, then runs whole epochs.
+    A run resumed mid-epoch first finishes that epoch, then runs whole epochs;
+    one resumed at or past its last step trains nothing.
     """
+    if start_step >= run.total_steps:
+        return
     epoch, offset = divmod(start_step, run.steps_per_epoch)
     if offset:
         dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run, skip_steps=start_step))

@@ -203,7 +203,8 @@ def main(argv):
     if run.plan_only:
         return
     if not metrics["step_losses"]:
-        print(f"tfpar: nothing to train: {run.model_dir} holds a finished run of {run.total_steps} steps.")
+        print(f"tfpar: nothing to train: {run.model_dir} holds a run of {metrics['resumed_from_step']} "
+              f"steps, and this one asks for {run.total_steps}.")
         return
     print(f"tfpar: final loss {metrics['final_loss']:.4f} (first {metrics['step_losses'][0]:.4f}); "
           f"{metrics['tokens_per_second']:,.0f} tokens/s; {metrics['wall_seconds']:.1f} s", flush=True)
