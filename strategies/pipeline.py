@@ -113,18 +113,8 @@ class PipelineAdapter(base.StrategyAdapter):
                 f"num_layers={run.model.num_layers}); accepted: 1..{n}.")
         if self.requested_boundaries:
             schedule_lib.check_boundaries(self.requested_boundaries, self.num_stages, n)
-        per_replica = run.data.global_batch_size // self.num_replicas
-        if per_replica % self.num_microbatches:
-            raise ValueError(
-                f"--num_microbatches must divide the per-replica batch. Received: "
-                f"num_microbatches={self.num_microbatches}, per-replica batch={per_replica}; "
-                f"accepted: a divisor of {per_replica}.")
-        if per_replica % (self.num_microbatches * run.grad_accum_steps):
-            raise ValueError(
-                f"--num_microbatches x --grad_accum_steps must divide the per-replica batch. "
-                f"Received: num_microbatches={self.num_microbatches}, grad_accum_steps="
-                f"{run.grad_accum_steps}, per-replica batch={per_replica}; accepted: a product "
-                f"dividing {per_replica}.")
+        config_lib.check_microbatches(run.data.global_batch_size // self.num_replicas,
+                                      self.num_microbatches, run.grad_accum_steps)
         if run.jit_compile:
             raise ValueError(
                 "--jit_compile is not supported with --strategy=pipeline (XLA cannot compile a "

@@ -6,7 +6,7 @@ from unittest import mock
 
 from absl.testing import flagsaver
 
-from tests.testbase import TestCase, absltest, tiny_run
+from tests.testbase import TestCase, absltest, keras, tiny_run
 from tfpar import bench
 from tfpar import strategies
 from tfpar import training
@@ -54,6 +54,8 @@ class ReportTest(absltest.TestCase):
         self.assertIn("| default | plain | off | 125 (± 0) | 2,048 |", text)
         self.assertIn("| pipeline K2xM8 | 200 | 206 | 160, 170 | 0.80 | 0.89 | 0.90 | 100, 120 | 0.55 |", text)
         self.assertIn("| 2,560 | ", text)
+        failed = benchmark.markdown({**rep, "failures": {"mirrored 2 dev/tfpar": "cell 'm' failed: ['boom']"}})
+        self.assertIn("| mirrored 2 dev | tfpar | | fails: ['boom'] |", failed)
         path = os.path.join(self.create_tempdir(), "bench.png")
         self.assertTrue(benchmark.plot(rep, path))
         with open(path, "rb") as f:
@@ -111,6 +113,15 @@ class PlanTest(absltest.TestCase):
         self.assertEqual(bf16[("default", "tfpar")], (False, None))
 
 
+    def test_cells_that_cannot_run_are_refused_before_any_cell(self):
+        with flagsaver.flagsaver(strategies=["default", "pipeline"], impls=["tfpar"], pipeline_shapes=["2x8"],
+                                 scaling=False):
+            with self.assertRaisesRegex(ValueError, "num_microbatches must divide the per-replica batch"):
+                bench.plan_cells(tiny_run("default", global_batch_size=4))
+        with flagsaver.flagsaver(strategies=["default"], impls=["tfpar", "plain"], scaling=False):
+            with self.assertRaisesRegex(ValueError, "--grad_accum_steps has no plain-Keras cell"):
+                bench.plan_cells(tiny_run("default", grad_accum_steps=2))
+
     def test_scaling_cells_vary_one_field_of_the_default_model(self):
         with flagsaver.flagsaver(strategies=["default"], impls=["tfpar"], scaling=True):
             cells = [(label, run, extra) for label, _, run, extra in bench.plan_cells(tiny_run("default"))]
@@ -132,13 +143,22 @@ class PlanTest(absltest.TestCase):
 
 class PlainKerasCellTest(TestCase):
 
-    def test_plain_cell_trains_without_tfpar_step(self):
+    def test_plain_cell_trains_without_tfpar_step_in_the_runs_precision(self):
         """The plain-Keras cell is Keras's own train_step and fit, not tfpar's step."""
-        with mock.patch.object(training.TrainStep, "__call__", side_effect=AssertionError("tfpar step")):
+        dtypes, fit = [], keras.Model.fit
+
+        def recording_fit(model, *args, **kwargs):
+            dtypes.append({layer.compute_dtype for layer in model.layers[1:]})
+            return fit(model, *args, **kwargs)
+
+        with mock.patch.object(training.TrainStep, "__call__", side_effect=AssertionError("tfpar step")), \
+                mock.patch.object(keras.Model, "fit", recording_fit):
             ends, jit_compile = benchmark._plain_keras_fit(  # pylint: disable=protected-access
-                tiny_run("default"), strategies.get("default"), 3, "auto")
+                tiny_run("default", mixed_precision="mixed_bfloat16"), strategies.get("default"), 3, "auto")
         self.assertLen(ends, 3)
         self.assertFalse(jit_compile)  # Keras's "auto" on a CPU-only machine
+        self.assertEqual(dtypes, [{"bfloat16"}])
+        self.assertEqual(keras.mixed_precision.global_policy().name, "float32")  # restored
 
 
 class StrategyOptionsTest(absltest.TestCase):

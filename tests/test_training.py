@@ -3,8 +3,26 @@
 import re
 
 from tests.testbase import TestCase, absltest, np, tiny_run
+from tfpar import config as config_lib
 from tfpar import driver
 from tfpar import strategies
+
+
+class ReplicasFromFlagsTest(absltest.TestCase):
+    """Replicas the flags imply, so that batch checks run before TensorFlow starts."""
+
+    def test_known_replicas(self):
+        def replicas(strategy, **options):
+            return config_lib.ParallelConfig(strategy=strategy, **options).known_replicas
+        self.assertEqual(replicas("default"), 1)
+        self.assertEqual(replicas("mirrored", num_virtual_devices=4), 4)
+        self.assertEqual(replicas("pipeline", num_virtual_devices=4, pipeline_stages=2), 2)
+        self.assertEqual(replicas("dtensor", num_virtual_devices=4, mesh="batch:2,model:2"), 2)
+        self.assertEqual(replicas("dtensor", num_virtual_devices=4, mesh="model:4"), 1)
+        self.assertIsNone(replicas("multi_worker"))
+        with self.assertRaisesRegex(ValueError, "num_microbatches must divide the per-replica batch"):
+            tiny_run("pipeline", global_batch_size=8, devices_count=4,
+                     parallel=dict(pipeline_stages=2, num_microbatches=8))  # 2 replicas of 4
 
 
 class OptimizerTest(TestCase):

@@ -65,20 +65,24 @@ def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int, jit_compile
     """
     from tfpar import models  # pylint: disable=import-outside-toplevel
     keras.utils.set_random_seed(run.seed)
-    with adapter.scope():
-        tfpar_model = models.build(run.model)
-        inputs = keras.Input((run.model.seq_len,), dtype="int32")
-        state = inputs
-        for layer in tfpar_model.stack:
-            state = layer(state)
-        model = keras.Model(inputs, state)
-        optimizer = training.build_optimizer(
-            run.optimizer, learning_rate=run.learning_rate, total_steps=steps,
-            warmup_steps=run.warmup_steps, weight_decay=run.weight_decay)
-        model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=jit_compile)
-    dataset = data_lib.make_dataset_fn(run)(tf.distribute.InputContext())
-    recorder = callbacks_lib.StepRecorder(tokens_per_step=0)
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[recorder], verbose=0)
+    keras.mixed_precision.set_global_policy(run.mixed_precision)  # as tfpar's cell computes
+    try:
+        with adapter.scope():
+            tfpar_model = models.build(run.model)
+            inputs = keras.Input((run.model.seq_len,), dtype="int32")
+            state = inputs
+            for layer in tfpar_model.stack:
+                state = layer(state)
+            model = keras.Model(inputs, state)
+            optimizer = training.build_optimizer(
+                run.optimizer, learning_rate=run.learning_rate, total_steps=steps,
+                warmup_steps=run.warmup_steps, weight_decay=run.weight_decay)
+            model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=jit_compile)
+        dataset = data_lib.make_dataset_fn(run)(tf.distribute.InputContext())
+        recorder = callbacks_lib.StepRecorder(tokens_per_step=0)
+        model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[recorder], verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     return recorder.step_ends, bool(model.jit_compile)
 
 
@@ -229,8 +233,9 @@ def markdown(rep: Dict[str, Any]) -> str:
             f"| {row['label']} | {row['impl']} | {_on_off(row)} | {1000 * row['step_seconds']:.0f} (± {1000 * row['step_seconds_stdev']:.0f}) "
             f"| {row['tokens_per_second']:,.0f} | {_fmt(row['mfu'], '{:.1%}')} | {_fmt(row['tfpar_over_plain'], '{:.3f}')} "
             f"| {_fmt(row['per_device_state_bytes'], '{:,}')} | {row['peak_rss_mb']:.0f} | {bubble} |")
-    for label, error in rep.get("plain_failures", {}).items():
-        lines.append(f"| {label} | plain | | fails: {error.split('failed: ')[-1][:120]} | | | | | | |")
+    for key, error in rep.get("failures", {}).items():
+        label, impl = key.rsplit("/", 1)
+        lines.append(f"| {label} | {impl} | | fails: {error.split('failed: ')[-1][:120]} | | | | | | |")
     text = "\n".join(lines)
     pipeline = [r for r in rep["rows"].values() if r.get("efficiency_over_gpipe_bound") is not None]
     if pipeline:

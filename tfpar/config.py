@@ -240,7 +240,28 @@ class ParallelConfig:
             return 1
         if self.strategy == "mirrored":
             return len(self.devices) or self.num_virtual_devices or None
+        if self.strategy == "pipeline":
+            devices = len(self.devices) or self.num_virtual_devices
+            return devices // self.pipeline_stages if devices >= self.pipeline_stages else None
+        if self.strategy == "dtensor" and self.mesh:
+            sizes = dict(axis.partition(":")[::2] for axis in self.mesh.split(","))
+            return int(sizes["batch"]) if sizes.get("batch", "").isdigit() else 1
         return None
+
+
+def check_microbatches(per_replica: int, num_microbatches: int, grad_accum_steps: int) -> None:
+    """A pipeline splits each replica's batch into grad_accum_steps x num_microbatches parts."""
+    if per_replica % num_microbatches:
+        raise ValueError(
+            f"--num_microbatches must divide the per-replica batch. Received: "
+            f"num_microbatches={num_microbatches}, per-replica batch={per_replica}; "
+            f"accepted: a divisor of {per_replica}.")
+    if per_replica % (num_microbatches * grad_accum_steps):
+        raise ValueError(
+            f"--num_microbatches x --grad_accum_steps must divide the per-replica batch. "
+            f"Received: num_microbatches={num_microbatches}, grad_accum_steps="
+            f"{grad_accum_steps}, per-replica batch={per_replica}; accepted: a product "
+            f"dividing {per_replica}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +310,9 @@ class RunConfig:
                 f"--global_batch_size must be divisible by the number of replicas. "
                 f"Received: global_batch_size={self.data.global_batch_size}, replicas={replicas}; "
                 f"accepted: a multiple of {replicas}.")
+        if replicas and self.parallel.strategy == "pipeline":
+            check_microbatches(self.data.global_batch_size // replicas, self.parallel.num_microbatches,
+                               self.grad_accum_steps)
         writable_path("model_dir", self.model_dir, directory=True)
         writable_path("export_dir", self.export_dir, directory=True)
         writable_path("metrics_json", self.metrics_json, directory=False)
