@@ -233,6 +233,17 @@ class LauncherSignalTest(absltest.TestCase):
         proc.wait(timeout=15)
         self.assertStopped(pids)
 
+    def test_workers_left_running_after_one_finished_are_stopped(self):
+        launcher = launch.local_launcher(2, [], commands=[[sys.executable, "-c", "pass"], self.SLEEPER],
+                                         grace_seconds=0.5, finish_timeout=1.0, out=io.StringIO())
+        launcher.start()
+        self.addCleanup(launcher.stop, 0.0)
+        with mock.patch("sys.stderr", io.StringIO()) as stderr:
+            self.assertEqual(launcher.wait(timeout=60), 1)
+        self.assertIn("worker 0 finished", stderr.getvalue())
+        self.assertIn("worker(s) 1 still run", stderr.getvalue())
+        self.assertIsNotNone(launcher.procs[1].poll())
+
     def test_timeout_stops_the_workers_with_124(self):
         launcher = launch.local_launcher(2, [], commands=[self.SLEEPER] * 2, grace_seconds=0.5,
                                          out=io.StringIO())

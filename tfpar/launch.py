@@ -36,6 +36,9 @@ flags.DEFINE_bool("kubernetes", False, "With --print_tf_config: print a Kubeflow
 flags.DEFINE_string("image", "tfpar:latest", "Container image for --kubernetes.")
 flags.DEFINE_string("job_name", "tfpar", "TFJob name for --kubernetes.")
 flags.DEFINE_float("grace_seconds", 5.0, "Seconds workers get to exit after SIGTERM before SIGKILL.")
+flags.DEFINE_float("finish_timeout", 600.0,
+                   "Seconds the other workers get to finish once one has exited 0; then they are stopped "
+                   "(the workers of a synchronous job end together; one left alone waits for its peers).")
 
 _WORKER_FLAGS = ("--strategy=multi_worker", "--num_virtual_devices=0")
 
@@ -102,9 +105,10 @@ class Launcher:
     """Starts, watches and stops a group of local workers."""
 
     def __init__(self, commands: Sequence[Sequence[str]], envs: Sequence[dict], *,
-                 grace_seconds: float = 5.0, out=None):
+                 grace_seconds: float = 5.0, finish_timeout: float = 600.0, out=None):
         self.commands, self.envs = list(commands), list(envs)
         self.grace_seconds = grace_seconds
+        self.finish_timeout = finish_timeout
         self.out = out or sys.stdout
         self.procs: List[subprocess.Popen] = []
         self._lock = threading.Lock()
@@ -176,6 +180,7 @@ class Launcher:
             previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         end = None if timeout is None else time.monotonic() + timeout
         grace = None
+        finished_at, told = None, False  # when the first worker exited 0 with others running
         try:
             while True:
                 if end is not None and time.monotonic() > end:
@@ -198,6 +203,20 @@ class Launcher:
                     return status
                 if all(c == 0 for c in codes):
                     return 0
+                if 0 in codes:
+                    finished_at = finished_at or time.monotonic()
+                    waited = time.monotonic() - finished_at
+                    running = [i for i, c in enumerate(codes) if c is None]
+                    if waited > self.finish_timeout:
+                        print(f"tfpar-launch: worker {codes.index(0)} finished {waited:.0f} s ago and "
+                              f"worker(s) {', '.join(map(str, running))} still run; stopping them "
+                              f"(--finish_timeout={self.finish_timeout:g}).", file=sys.stderr, flush=True)
+                        return 1
+                    if waited > min(30.0, self.finish_timeout / 2) and not told:
+                        told = True
+                        print(f"tfpar-launch: worker {codes.index(0)} finished; waiting up to "
+                              f"{self.finish_timeout:g} s (--finish_timeout) for worker(s) "
+                              f"{', '.join(map(str, running))}.", file=sys.stderr, flush=True)
                 time.sleep(0.05)
         finally:
             self.stop(grace)
@@ -206,7 +225,7 @@ class Launcher:
 
 
 def local_launcher(num_workers: int, train_flags: Sequence[str], *, commands=None,
-                   grace_seconds: float = 5.0, out=None) -> Launcher:
+                   grace_seconds: float = 5.0, finish_timeout: float = 600.0, out=None) -> Launcher:
     """A Launcher for `num_workers` workers on free loopback ports.
 
     `commands` (one per worker) replaces the tfpar-train command line.
@@ -222,7 +241,7 @@ def local_launcher(num_workers: int, train_flags: Sequence[str], *, commands=Non
     envs = [{**base_env, "TF_CONFIG": cluster_lib.tf_config_for(hosts, i)}
             for i in range(num_workers)]
     commands = commands or [worker_command(train_flags)] * num_workers
-    return Launcher(commands, envs, grace_seconds=grace_seconds, out=out)
+    return Launcher(commands, envs, grace_seconds=grace_seconds, finish_timeout=finish_timeout, out=out)
 
 
 def tfjob_manifest(name: str, image: str, replicas: int, train_flags: Sequence[str]) -> str:
@@ -285,7 +304,11 @@ def main(argv):
     if FLAGS.hosts:
         fail("--hosts goes with --print_tf_config; local runs pick free 127.0.0.1 ports. "
              f"Received: hosts={','.join(FLAGS.hosts)}; accepted: --hosts with --print_tf_config.")
-    launcher = local_launcher(FLAGS.num_workers, train_flags, grace_seconds=FLAGS.grace_seconds)
+    if FLAGS.finish_timeout <= 0:
+        fail(f"--finish_timeout must be > 0. Received: finish_timeout={FLAGS.finish_timeout:g}; "
+             "accepted: seconds > 0.")
+    launcher = local_launcher(FLAGS.num_workers, train_flags, grace_seconds=FLAGS.grace_seconds,
+                              finish_timeout=FLAGS.finish_timeout)
     launcher.start()
     return launcher.wait()
 
