@@ -45,7 +45,8 @@ def generate(model: GPT, prompt: bytes, *, max_new_tokens: int = 200, temperatur
     length = model.model_config.seq_len
     forward = tf.function(lambda t: model(t, training=False))
     rng = np.random.default_rng(seed)
-    tokens = list(prompt) or [ord("\n")]
+    start = list(prompt) or [ord("\n")]  # an empty prompt starts after a newline
+    tokens = list(start)
     for _ in range(max_new_tokens):
         window = tokens[-length:]
         padded = np.zeros((1, length), np.int32)
@@ -59,4 +60,4 @@ def generate(model: GPT, prompt: bytes, *, max_new_tokens: int = 200, temperatur
             probs = np.exp((logits - logits.max()) / temperature)
             token = int(rng.choice(len(probs), p=probs / probs.sum()))
         tokens.append(token)
-    return bytes(t for t in tokens[len(prompt):] if t < 256)
+    return bytes(t for t in tokens[len(start):] if t < 256)

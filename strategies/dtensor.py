@@ -21,6 +21,7 @@ path, and optimizer slots get their variable's layout. Training is plain
 """
 
 import contextlib
+import re
 import types
 from typing import Dict, List, Optional
 
@@ -210,6 +211,7 @@ class DTensorAdapter(base.StrategyAdapter):
         available = devices_lib.select_devices((), num_devices)
         spec = mesh or f"model:{len(available)}"
         self.mesh_spec = layouts_lib.parse_mesh(spec, len(available))
+        self.user_rules = rules is not None
         self.rules = rules or layouts_lib.LayoutRules()
         self.mesh = dtensor.create_mesh(list(self.mesh_spec.axes), devices=available)
         self._device_names = available
@@ -291,6 +293,12 @@ class DTensorAdapter(base.StrategyAdapter):
         Runs before the optimizer builds (which keys slots by tf.Variable). The
         model is built off the mesh, since its build call has host inputs.
         """
+        if self.user_rules:  # a typo in a rules file would silently replicate what it meant to split
+            unused = [p for p, _ in self.rules.rules if not any(re.search(p, v.path) for v in model.weights)]
+            if unused:
+                raise ValueError(
+                    f"--layout_rules: a rule matches no variable. Received: {', '.join(map(repr, unused))}; "
+                    f"accepted: regexes that match variable paths, such as {model.weights[0].path!r}.")
         for variable in model.weights:
             spec = self.rules.spec_for(variable.path, variable.shape, self.mesh_spec)
             self.layouts[variable.path] = spec

@@ -79,6 +79,21 @@ class TrainCliTest(TestCase):
         self.assertTrue(sample.stdout.startswith("The "))
         self.assertGreater(len(sample.stdout.rstrip("\n")), len("The "))
 
+    def test_a_text_dataset_is_kept_by_its_absolute_path(self):
+        from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+        from tfpar import train as train_cli  # pylint: disable=import-outside-toplevel
+        work = self.create_tempdir().full_path
+        with open(os.path.join(work, "corpus.txt"), "w") as f:
+            f.write("text " * 100)
+        cwd = os.getcwd()
+        os.chdir(work)
+        try:
+            with flagsaver.flagsaver(dataset="text:corpus.txt"):
+                dataset = train_cli.config_from_flags().data.dataset
+        finally:
+            os.chdir(cwd)
+        self.assertEqual(dataset, "text:" + os.path.join(os.path.realpath(work), "corpus.txt"))
+
     def test_xla_by_default_only_where_it_is_supported_and_faster(self):
         from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
         from tfpar import train as train_cli  # pylint: disable=import-outside-toplevel
@@ -109,6 +124,7 @@ class GenerateTest(TestCase):
 
         greedy = sample()
         self.assertLen(greedy, 12)
+        self.assertLen(gpt.generate(model, b"", max_new_tokens=5), 5)  # no starter byte in the output
         self.assertEqual(sample(temperature=1.0, top_k=1, seed=3), greedy)  # one candidate: the argmax
         self.assertEqual(sample(temperature=1e-4, seed=3), greedy)  # nearly greedy
         self.assertEqual(sample(temperature=1.0, seed=3), sample(temperature=1.0, seed=3))

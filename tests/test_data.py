@@ -70,6 +70,10 @@ class DataTest(TestCase):
             f.write("hello world\n")
         with self.assertRaisesRegex(ValueError, "too little text.*12 tokens.*at least 33"):
             first_batches(self.run_config(dataset=f"text:{path}"), 1)
+        with open(path, "w"):
+            pass
+        with self.assertRaisesRegex(ValueError, "holds no text.*an empty file"):
+            first_batches(self.run_config(dataset=f"text:{path}"), 1)
 
     def test_each_pass_is_a_new_permutation_of_every_window(self):
         path = os.path.join(self.create_tempdir().full_path, "corpus.txt")

@@ -145,6 +145,15 @@ class DTensorLayoutTest(DTensorTestCase):
             self.assertRegex(path, "fc_in/kernel$")
             self.assertEqual(actual[path], ["unsharded", "model"], path)
 
+    def test_a_rule_that_matches_no_variable_is_refused(self):
+        path = os.path.join(self.create_tempdir().full_path, "rules.json")
+        with open(path, "w") as f:
+            json.dump([["fc_inn/kernel$", [None, "model"]]], f)  # a typo: nothing would be split
+        run = self.with_data_dir(tiny_run("dtensor", devices_count=2,
+                                          parallel=dict(mesh="model:2", layout_rules=path)))
+        with self.assertRaisesRegex(ValueError, "a rule matches no variable.*fc_inn"):
+            driver.build_model(run, strategies.from_config(run.parallel))
+
     def test_unsupported_options_are_refused(self):
         adapter = strategies.get("dtensor", mesh="model:4", num_devices=4)
         with self.assertRaisesRegex(ValueError, "jit_compile"):

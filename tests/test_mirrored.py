@@ -50,6 +50,8 @@ class MirroredEquivalenceTest(TestCase):
         self.assertEqual(adapter.num_replicas, 2)
         picked = strategies.from_config(config_lib.ParallelConfig(strategy="mirrored", devices=("/cpu:1", "cpu:3")))
         self.assertEqual([name.split("device:")[-1] for name in picked.devices], ["CPU:1", "CPU:3"])
+        with self.assertRaisesRegex(ValueError, "names a device twice"):
+            strategies.get("mirrored", devices=["/cpu:0", "CPU:0"])
         # On CPUs each replica has its own input pipeline (no MultiDeviceIterator: BUILD_NOTES.md).
         self.assertEqual(adapter.input_options().experimental_replication_mode,
                          tf.distribute.InputReplicationMode.PER_REPLICA)

@@ -102,6 +102,10 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     if kind in ("builtin", "text"):
         builder_config = None
         if kind == "text":  # prepared once per content: an edited file is prepared again
+            if not os.path.getsize(arg):  # TFDS refuses to prepare a split without examples
+                raise ValueError(
+                    f"--dataset holds no text. Received: dataset={data.dataset!r}, an empty file; "
+                    f"accepted: a file with at least --seq_len + 1 bytes.")
             builder_config = TextConfig(name=f"file_{_file_digest(arg)}", path=arg)
         builder = _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
         return builder.as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])

@@ -81,6 +81,10 @@ def select_devices(requested: Sequence[str], count: int = 0) -> List[str]:
                     f"--devices: no such device. Received: devices={name!r}; accepted (available): "
                     f"{', '.join(available)}.")
             resolved.append(name if name in available else short[key])
+        if len(set(resolved)) < len(resolved):
+            raise ValueError(
+                f"--devices names a device twice. Received: devices={','.join(requested)}; accepted: "
+                f"distinct devices of {', '.join(available)}.")
         return resolved
     if count > len(available):
         raise ValueError(

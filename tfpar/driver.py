@@ -110,11 +110,11 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
                 restore_from=os.path.join(run.model_dir, "backup"))
             with adapter.scope():  # the optimizer may build its slots here
                 start_step = backup.restore()
-            if start_step:
+            if start_step and adapter.is_chief:  # the chief's check stops every worker
                 _check_same_data(run)
-            # Written once the resume is accepted: a refused rerun leaves the model_dir as it was.
-            with open(os.path.join(work_dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(run), f, indent=2)
+            # Written once the resume is accepted (a refused rerun leaves the model_dir as it
+            # was), atomically: other workers may read it.
+            write_json(os.path.join(work_dir, "config.json"), dataclasses.asdict(run))
             callbacks.append(backup)
             if start_step and run.verbose:
                 print(f"tfpar: resuming from the backup at step {start_step}", flush=True)

@@ -110,7 +110,8 @@ def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None) -> c
     """
     model = model_from_flags()
     kind, colon, source = FLAGS.dataset.partition(":")
-    dataset = f"{kind}:{os.path.expanduser(source)}" if kind == "text" and colon else FLAGS.dataset
+    # A text file by its absolute path: a resume from another directory reads the same data.
+    dataset = f"{kind}:{os.path.abspath(os.path.expanduser(source))}" if kind == "text" and colon else FLAGS.dataset
     data = config_lib.DataConfig(
         dataset=dataset, data_dir=expand_path(FLAGS.data_dir), global_batch_size=FLAGS.global_batch_size,
         seq_len=model.seq_len, seed=FLAGS.seed)
