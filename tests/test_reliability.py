@@ -81,6 +81,14 @@ class ResumeTest(TestCase):
         self.assertEqual((shorter.metrics["resumed_from_step"], shorter.metrics["step_losses"]), (5, []))
         self.assertEqual(tf.train.latest_checkpoint(f"{work}/backup"), f"{work}/backup/ckpt-5")
 
+    def test_profile_steps_count_from_the_runs_first_step_across_a_resume(self):
+        work = self.create_tempdir().full_path
+        self.train(tiny_run(model_dir=work, steps=4))
+        resumed = self.train(tiny_run(model_dir=work, steps=4, epochs=2, profile_steps=(6, 7)))
+        self.assertEqual(resumed.metrics["resumed_from_step"], 4)
+        traces = tf.io.gfile.glob(f"{work}/logs/train/plugins/profile/*/*.xplane.pb")
+        self.assertLen(traces, 1)  # steps 6..7 of the run: batches 2..3 of the resumed fit
+
     def test_a_resume_that_would_read_other_data_is_refused_and_changes_nothing(self):
         work = self.create_tempdir().full_path
         self.train(tiny_run(model_dir=work, steps=2))

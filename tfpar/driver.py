@@ -44,7 +44,10 @@ def build_model(run: config_lib.RunConfig, adapter) -> modeling.LanguageModel:
 
 
 def fit_callbacks(run: config_lib.RunConfig, adapter, model, work_dir: Optional[str]) -> List[Any]:
-    """Per-epoch weights, TensorBoard scalars and profile under `work_dir` (the chief's model_dir)."""
+    """Per-epoch weights and TensorBoard scalars under `work_dir` (the chief's model_dir).
+
+    Keras's TensorBoard callback (epoch metrics, profile) is added per `fit` call by `_fit_from`.
+    """
     if not work_dir:
         return []
     logs = os.path.join(work_dir, "logs")
@@ -52,7 +55,6 @@ def fit_callbacks(run: config_lib.RunConfig, adapter, model, work_dir: Optional[
         keras.callbacks.ModelCheckpoint(
             os.path.join(work_dir, "checkpoints", "epoch_{epoch:03d}.weights.h5"),
             save_weights_only=True),
-        keras.callbacks.TensorBoard(logs, update_freq="epoch", profile_batch=run.profile_steps or 0),
         callbacks_lib.TrainingScalars(
             os.path.join(logs, "steps"), run.data.global_batch_size * model.tokens_per_example(),
             adapter.devices, every_steps=min(10, run.steps_per_epoch)),
@@ -119,7 +121,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             if start_step and run.verbose:
                 print(f"tfpar: resuming from the backup at step {start_step}", flush=True)
         start = time.perf_counter()
-        _fit_from(run, adapter, model, start_step, callbacks)
+        _fit_from(run, adapter, model, start_step, callbacks, work_dir)
         wall = time.perf_counter() - start
         if recorder.non_finite_step is not None:
             raise FloatingPointError(
@@ -163,7 +165,21 @@ def _check_same_data(run: config_lib.RunConfig) -> None:
             ", or a new --model_dir.")
 
 
-def _fit_from(run, adapter, model, start_step: int, callbacks) -> None:
+def _tensorboard(run: config_lib.RunConfig, work_dir: Optional[str], steps_done: int) -> List[Any]:
+    """Keras's TensorBoard callback for a `fit` call that starts after `steps_done` steps.
+
+    Keras counts profile batches from each `fit` call's start; the run's
+    --profile_steps FIRST,LAST count from the run's first step, across resumes.
+    """
+    if not work_dir:
+        return []
+    first, last = run.profile_steps or (0, 0)
+    profile = (max(first - steps_done, 1), last - steps_done) if last > steps_done else 0
+    return [keras.callbacks.TensorBoard(os.path.join(work_dir, "logs"), update_freq="epoch",
+                                        profile_batch=profile)]
+
+
+def _fit_from(run, adapter, model, start_step: int, callbacks, work_dir: Optional[str] = None) -> None:
     """Runs `fit` for the steps after `start_step`, on exactly the batches not yet seen.
 
     A run resumed mid-epoch first finishes that epoch, then runs whole epochs;
@@ -175,14 +191,14 @@ def _fit_from(run, adapter, model, start_step: int, callbacks) -> None:
     if offset:
         dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run, skip_steps=start_step))
         model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1,
-                  steps_per_epoch=run.steps_per_epoch - offset, callbacks=callbacks,
-                  verbose=run.verbose)
+                  steps_per_epoch=run.steps_per_epoch - offset,
+                  callbacks=callbacks + _tensorboard(run, work_dir, start_step), verbose=run.verbose)
         epoch += 1
     if epoch < run.epochs and not model.stop_training:
         skip = epoch * run.steps_per_epoch
         dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run, skip_steps=skip))
-        model.fit(dataset, initial_epoch=epoch, epochs=run.epochs,
-                  steps_per_epoch=run.steps_per_epoch, callbacks=callbacks, verbose=run.verbose)
+        model.fit(dataset, initial_epoch=epoch, epochs=run.epochs, steps_per_epoch=run.steps_per_epoch,
+                  callbacks=callbacks + _tensorboard(run, work_dir, skip), verbose=run.verbose)
 
 
 def collect_metrics(run, adapter, model, recorder, wall_seconds) -> Dict[str, Any]:
