@@ -41,6 +41,7 @@ CASES = [
     ("negative_virtual_devices", "tfpar.train", ["--num_virtual_devices=-2"], None, ["num_virtual_devices", ">= 0"]),
     ("mirrored_batch_not_divisible", "tfpar.train", ["--strategy=mirrored", "--num_virtual_devices=3", "--global_batch_size=8"], None, ["global_batch_size", "replicas=3"]),
     ("mirrored_device_missing", "tfpar.train", ["--strategy=mirrored", "--num_virtual_devices=2", "--devices=/cpu:0,/cpu:5"], None, ["devices", "available"]),
+    ("mirrored_device_twice", "tfpar.train", ["--strategy=mirrored", "--num_virtual_devices=2", "--devices=/cpu:0,CPU:0"], None, ["devices", "twice"]),
     ("mirrored_unknown_cross_device_ops", "tfpar.train", ["--strategy=mirrored", "--cross_device_ops=ncll"], None, ["cross_device_ops", "nccl"]),
     ("multi_worker_malformed_tf_config", "tfpar.train", ["--strategy=multi_worker"], {"TF_CONFIG": '{"cluster": '}, ["TF_CONFIG", "malformed JSON"]),
     ("multi_worker_index_out_of_range", "tfpar.train", ["--strategy=multi_worker"], {"TF_CONFIG": W5}, ["TF_CONFIG", "out of range"]),
