@@ -11,6 +11,8 @@ import difflib
 import os
 from typing import Optional, Tuple
 
+from tfpar import layouts
+
 STRATEGIES = ("default", "mirrored", "multi_worker", "dtensor", "pipeline")
 MODELS = ("gpt", "seq2seq")
 OPTIMIZERS = ("adamw", "sgd")
@@ -244,8 +246,7 @@ class ParallelConfig:
             devices = len(self.devices) or self.num_virtual_devices
             return devices // self.pipeline_stages if devices >= self.pipeline_stages else None
         if self.strategy == "dtensor" and self.mesh:
-            sizes = dict(axis.partition(":")[::2] for axis in self.mesh.split(","))
-            return int(sizes["batch"]) if sizes.get("batch", "").isdigit() else 1
+            return layouts.parse_mesh(self.mesh).sizes["batch"]
         return None
 
 
