@@ -84,6 +84,14 @@ def _prepared(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core
 
 
 def _file_digest(path: str) -> str:
+    """The content hash of a text file, computed once per version of the file."""
+    stat = os.stat(path)
+    return _content_digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the cache key only
     digest = hashlib.sha1()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
