@@ -76,7 +76,8 @@ class StrategyAdapter:
 
     def train_step(self, run: config_lib.RunConfig):
         """The step object a tfpar model runs inside `fit`."""
-        return training.TrainStep(grad_accum_steps=run.grad_accum_steps, jit_compile=run.jit_compile)
+        return training.TrainStep(grad_accum_steps=run.grad_accum_steps, jit_compile=run.jit_compile,
+                                  reduce_dtype=run.parallel.grad_reduce_dtype)
 
     def prepare_model(self, model: keras.Model, run: config_lib.RunConfig) -> keras.Model:
         """Hook run after the model is built inside `scope()`."""

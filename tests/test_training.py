@@ -1,8 +1,10 @@
-"""The optimizer every strategy shares: AdamW's decay exclusions and the learning-rate schedule."""
+"""The optimizer every strategy shares: AdamW's decay exclusions, the learning-rate schedule,
+and the dtype gradients are summed in."""
 
 import re
+from unittest import mock
 
-from tests.testbase import TestCase, absltest, np, tiny_run
+from tests.testbase import TestCase, absltest, np, parameterized, tf, tiny_run
 from tfpar import config as config_lib
 from tfpar import driver
 from tfpar import strategies
@@ -53,6 +55,37 @@ class OptimizerTest(TestCase):
             optimizer.iterations.assign(step)
             rates.append(float(optimizer.learning_rate))
         np.testing.assert_allclose(rates, [0.0, 5e-4, 1e-3, 1e-4 + 9e-4 * 0.5, 1e-4], rtol=1e-5, atol=1e-9)
+
+
+class GradientReduceDtypeTest(TestCase):
+    """--grad_reduce_dtype=bfloat16 hands the all-reduce bfloat16 gradients (one local worker;
+    MultiWorkerProcessTest sums them between two)."""
+
+    def train_recording_all_reduce(self, run):
+        """Trains `run`; returns the result and the dtypes the replicas' all-reduces summed."""
+        summed, all_reduce = set(), tf.distribute.ReplicaContext.all_reduce
+
+        def recording(context, reduce_op, value, options=None):
+            summed.update(t.dtype.name for t in tf.nest.flatten(value))
+            return all_reduce(context, reduce_op, value, options)
+
+        with mock.patch.object(tf.distribute.ReplicaContext, "all_reduce", recording):
+            return self.train(run), summed
+
+    @parameterized.named_parameters(("graph", False), ("xla", True))
+    def test_bfloat16_gradients_stay_close_to_float32(self, jit_compile):
+        kwargs = dict(optimizer="sgd", learning_rate=0.3, jit_compile=jit_compile)
+        reference, summed = self.train_recording_all_reduce(tiny_run("multi_worker", **kwargs))
+        self.assertEqual(summed, {"float32"})
+        result, summed = self.train_recording_all_reduce(
+            tiny_run("multi_worker", parallel=dict(grad_reduce_dtype="bfloat16"), **kwargs))
+        self.assertEqual(summed, {"bfloat16"})
+        self.assertEqual(result.metrics["grad_reduce_dtype"], "bfloat16")
+        self.assertEqual({v.dtype for v in result.model.trainable_variables}, {"float32"})
+        losses, expected = result.metrics["step_losses"], reference.metrics["step_losses"]
+        self.assertGreater(expected[0] - expected[-1], 0.1, expected)
+        self.assertLossesClose(expected, losses, rtol=1e-2)
+        self.assertFalse(np.allclose(losses, expected, rtol=1e-7, atol=0), losses)  # rounded gradients
 
 
 if __name__ == "__main__":

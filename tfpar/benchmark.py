@@ -141,6 +141,7 @@ def train_flags(run: config_lib.RunConfig, steps: int) -> List[str]:
             f"--jit_compile={run.jit_compile}", f"--seed={run.seed}",
             f"--warmup_steps={run.warmup_steps}", f"--weight_decay={run.weight_decay}",
             f"--deterministic={run.deterministic}", f"--communication={run.parallel.communication}",
+            f"--grad_reduce_dtype={run.parallel.grad_reduce_dtype}",
             f"--dataset={run.data.dataset}", "--verbose=0"] + (
                 [f"--data_dir={run.data.data_dir}"] if run.data.data_dir else [])
 

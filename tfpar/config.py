@@ -25,6 +25,7 @@ STRATEGY_ONLY_OPTIONS = {
     "devices": ("mirrored", "pipeline"),
     "cross_device_ops": ("mirrored",),
     "communication": ("multi_worker",),
+    "grad_reduce_dtype": ("multi_worker",),
     "mesh": ("dtensor",),
     "layout_rules": ("dtensor",),
     "pipeline_stages": ("pipeline",),
@@ -35,6 +36,7 @@ STRATEGY_ONLY_OPTIONS = {
 }
 CROSS_DEVICE_OPS = ("auto", "hierarchical_copy", "reduction_to_one_device", "nccl")
 COMMUNICATIONS = ("auto", "ring", "nccl")
+GRAD_REDUCE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("gpipe", "1f1b")
 
 # size -> (d_model, num_layers, num_heads, mlp_dim, default seq_len)
@@ -193,6 +195,7 @@ class ParallelConfig:
     devices: Tuple[str, ...] = ()
     cross_device_ops: str = "auto"
     communication: str = "auto"
+    grad_reduce_dtype: str = "float32"
     mesh: str = ""
     layout_rules: str = ""
     pipeline_stages: int = 1
@@ -205,6 +208,7 @@ class ParallelConfig:
         choice("strategy", self.strategy, STRATEGIES)
         choice("cross_device_ops", self.cross_device_ops, CROSS_DEVICE_OPS)
         choice("communication", self.communication, COMMUNICATIONS)
+        choice("grad_reduce_dtype", self.grad_reduce_dtype, GRAD_REDUCE_DTYPES)
         choice("pipeline_schedule", self.pipeline_schedule, SCHEDULES)
         positive("num_virtual_devices", self.num_virtual_devices, allow_zero=True)
         positive("pipeline_stages", self.pipeline_stages)
@@ -311,6 +315,12 @@ class RunConfig:
                 f"--global_batch_size must be divisible by the number of replicas. "
                 f"Received: global_batch_size={self.data.global_batch_size}, replicas={replicas}; "
                 f"accepted: a multiple of {replicas}.")
+        if self.parallel.grad_reduce_dtype != "float32" and self.mixed_precision == "mixed_float16":
+            raise ValueError(
+                f"--grad_reduce_dtype does not combine with loss scaling: mixed_float16 unscales the "
+                f"gradients in float32 before they are summed. Received: grad_reduce_dtype="
+                f"{self.parallel.grad_reduce_dtype}, mixed_precision={self.mixed_precision}; accepted: "
+                f"--mixed_precision=float32 or mixed_bfloat16, or --grad_reduce_dtype=float32.")
         if replicas and self.parallel.strategy == "pipeline":
             check_microbatches(self.data.global_batch_size // replicas, self.parallel.num_microbatches,
                                self.grad_accum_steps)

@@ -212,6 +212,7 @@ def collect_metrics(run, adapter, model, recorder, wall_seconds) -> Dict[str, An
         "model_config": cfg,
         "global_batch_size": run.data.global_batch_size,
         "grad_accum_steps": run.grad_accum_steps,
+        "grad_reduce_dtype": run.parallel.grad_reduce_dtype,
         "mixed_precision": run.mixed_precision,
         "jit_compile": run.jit_compile,
         "step_losses": recorder.step_losses,

@@ -31,6 +31,10 @@ flags.DEFINE_integer("num_virtual_devices", 2, "Split the CPU (or GPU) into N lo
 flags.DEFINE_list("devices", [], "Devices for `mirrored` (default: the first N virtual devices).")
 flags.DEFINE_string("cross_device_ops", "auto", f"mirrored all-reduce: {', '.join(config_lib.CROSS_DEVICE_OPS)}.")
 flags.DEFINE_string("communication", "auto", f"multi_worker collectives: {', '.join(config_lib.COMMUNICATIONS)}.")
+flags.DEFINE_string("grad_reduce_dtype", "float32",
+                    f"multi_worker: dtype in which gradients are summed over workers: "
+                    f"{', '.join(config_lib.GRAD_REDUCE_DTYPES)} (bfloat16 halves the bytes and rounds "
+                    f"the sums).")
 flags.DEFINE_string("mesh", "", "dtensor mesh, e.g. batch:2,model:2.")
 flags.DEFINE_string("layout_rules", "", "dtensor layout rules file (JSON).")
 flags.DEFINE_integer("pipeline_stages", 1, "pipeline: number of stages K.")
@@ -96,7 +100,8 @@ def parallel_options_from_flags() -> dict:
     return dict(
         strategy=FLAGS.strategy, num_virtual_devices=num_virtual_devices,
         devices=tuple(FLAGS.devices), cross_device_ops=FLAGS.cross_device_ops,
-        communication=FLAGS.communication, mesh=FLAGS.mesh, layout_rules=expand_path(FLAGS.layout_rules) or "",
+        communication=FLAGS.communication, grad_reduce_dtype=FLAGS.grad_reduce_dtype,
+        mesh=FLAGS.mesh, layout_rules=expand_path(FLAGS.layout_rules) or "",
         pipeline_stages=FLAGS.pipeline_stages, num_microbatches=FLAGS.num_microbatches,
         pipeline_schedule=FLAGS.pipeline_schedule,
         stage_boundaries=_int_list("stage_boundaries", FLAGS.stage_boundaries), remat=FLAGS.remat)
