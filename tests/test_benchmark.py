@@ -1,13 +1,16 @@
 """tfpar-bench's arithmetic: step medians, tfpar/plain ratios, pipeline efficiency."""
 
 import dataclasses
+import json
 import os
+import statistics
 from unittest import mock
 
 from absl.testing import flagsaver
 
-from tests.testbase import TestCase, absltest, keras, tiny_run
+from tests.testbase import TestCase, absltest, keras, run_cli, tiny_run
 from tfpar import bench
+from tfpar import config as config_lib
 from tfpar import strategies
 from tfpar import training
 from tfpar import train as train_cli
@@ -60,6 +63,21 @@ class ReportTest(absltest.TestCase):
         self.assertTrue(benchmark.plot(rep, path))
         with open(path, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_each_cell_mfu_uses_the_peak_measured_before_it(self):
+        base = tiny_run("default")
+        results = [{**_result("default", "tfpar", base, 0.100), "matmul_peak_flops": peak}
+                   for peak in (2e11, 3e11, 4e11)]
+        results.append({**_result("default", "plain", base, 0.100), "matmul_peak_flops": 1e11})
+        with mock.patch.object(benchmark, "matmul_peak_flops") as measure_now:
+            rep = benchmark.report(results, base)
+        measure_now.assert_not_called()
+        rows, flops = rep["rows"], 2560 * benchmark.model_flops_per_token(base.model, 1000)
+        self.assertAlmostEqual(rows["default/tfpar"]["matmul_peak_flops"], 3e11)  # median of its rounds
+        self.assertAlmostEqual(rows["default/tfpar"]["mfu"], flops / 3e11)
+        self.assertAlmostEqual(rows["default/plain"]["mfu"], flops / 1e11)
+        self.assertEqual((rep["matmul_peak_flops"], rep["matmul_peak_flops_range"]), (2.5e11, [1e11, 4e11]))
+        self.assertIn("median 250 GFLOP/s, 100–400 over the cells", benchmark.markdown(rep))
 
     def test_rounds_pool_their_windows(self):
         base = tiny_run("default")  # AdamW: weights + 2 moments per parameter byte
@@ -159,6 +177,28 @@ class PlainKerasCellTest(TestCase):
         self.assertFalse(jit_compile)  # Keras's "auto" on a CPU-only machine
         self.assertEqual(dtypes, [{"bfloat16"}])
         self.assertEqual(keras.mixed_precision.global_policy().name, "float32")  # restored
+
+
+class BenchCliTest(TestCase):
+
+    def test_report_files_with_each_cells_own_peak(self):
+        out = self.create_tempdir().full_path
+        result = run_cli("tfpar.bench", "--strategies=default", "--impls=tfpar", "--model_size=tiny",
+                         "--repeats=2", "--steps=8", "--warmup=2", "--window=2", f"--out_dir={out}",
+                         f"--data_dir={self.data_dir}")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        with open(os.path.join(out, "bench.json")) as f:
+            rep = json.load(f)
+        peaks = [cell["matmul_peak_flops"] for cell in rep["cells"]]
+        self.assertLen(peaks, 2)
+        self.assertGreater(min(peaks), 1e9)
+        row = rep["rows"]["default/tfpar"]
+        self.assertAlmostEqual(row["matmul_peak_flops"], statistics.median(peaks))
+        flops = benchmark.model_flops_per_token(config_lib.ModelConfig(**row["model_config"]), row["params"])
+        self.assertAlmostEqual(row["mfu"], row["tokens_per_second"] * flops / row["matmul_peak_flops"])
+        with open(os.path.join(out, "bench.md")) as f:
+            self.assertIn("| default | tfpar | on |", f.read())
+        self.assertTrue(os.path.exists(os.path.join(out, "bench.png")))
 
 
 class StrategyOptionsTest(absltest.TestCase):

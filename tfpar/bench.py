@@ -18,7 +18,8 @@ implementation runs at its own default (tfpar-train's: XLA for float32
 default/mirrored/multi_worker; Keras's "auto": no XLA on a CPU-only machine);
 --jit_compile turns XLA on for every cell whose strategy supports it (not
 dtensor or pipeline), plain Keras included; --nojit_compile turns it off for
-all. Writes bench.json, bench.md and bench.png (with matplotlib).
+all. MFU is against a 2048^2 matmul timed (best of 10) just before each cell.
+Writes bench.json, bench.md and bench.png (with matplotlib).
 """
 
 import json
@@ -236,7 +237,9 @@ def main(argv):
             spec = {"impl": impl, "run": benchmark.config_to_dict(run), "steps": FLAGS.steps,
                     "warmup": FLAGS.warmup, "window": FLAGS.window, "label": label, **extra}
             try:
-                result = _run_cell(label, spec)
+                # The machine as this cell finds it: the cell's MFU is against this peak.
+                peak = benchmark.matmul_peak_flops(dtype=benchmark.peak_dtype(run.mixed_precision))
+                result = {**_run_cell(label, spec), "matmul_peak_flops": peak}
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 # Recorded, and the other cells still run (plain Keras + XLA fails under
                 # MirroredStrategy upstream; a tfpar cell failing makes the bench exit 1).

@@ -52,6 +52,11 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10, dtype=tf.float32) -> 
     return 2 * size ** 3 / best
 
 
+def peak_dtype(mixed_precision: str) -> tf.DType:
+    """The dtype of the matmul peak a run's MFU is measured against."""
+    return tf.bfloat16 if mixed_precision == "mixed_bfloat16" else tf.float32
+
+
 def model_flops_per_token(cfg: config_lib.ModelConfig, params: int) -> float:
     """6 x parameters + 12 x layers x seq x d (forward and backward)."""
     return 6 * params + 12 * cfg.num_layers * cfg.seq_len * cfg.d_model
@@ -161,12 +166,20 @@ def config_to_dict(run: config_lib.RunConfig) -> Dict[str, Any]:
 
 
 def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[str, Any]:
-    """Per (label, impl): median step time over every window of every round, and derived figures."""
+    """Per (label, impl): median step time over every window of every round, and derived figures.
+
+    A cell's MFU is against the matmul peak measured just before it ran
+    (`matmul_peak_flops` in its result; the median over its rounds), so that
+    the shared machine's drift moves both alike; a result without one is
+    compared with a peak measured now.
+    """
     grouped: Dict[tuple, List[Dict[str, Any]]] = {}
     for result in results:
         grouped.setdefault((result["label"], result["impl"]), []).append(result)
-    dtype = tf.bfloat16 if base.mixed_precision == "mixed_bfloat16" else tf.float32
-    peak = matmul_peak_flops(dtype=dtype)
+    dtype = peak_dtype(base.mixed_precision)
+    peaks = [r["matmul_peak_flops"] for r in results if r.get("matmul_peak_flops")]
+    fallback = None if len(peaks) == len(results) else matmul_peak_flops(dtype=dtype)
+    peaks += [fallback] if fallback else []
     rows = {}
     for (label, impl), group in grouped.items():
         first = group[0]
@@ -175,6 +188,7 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
         cfg = config_lib.ModelConfig(**first["model_config"])
         params = next((r["params"] for r in results if r["params"] and r["model_config"] == first["model_config"]), 0)
         tokens_per_second = base.data.global_batch_size * cfg.seq_len / step
+        peak = statistics.median(r.get("matmul_peak_flops") or fallback for r in group)
         slots = 3 if first["optimizer"] == "adamw" else 1  # weights + Adam's two moments
         per_device = first["per_device_param_bytes"]
         rows[f"{label}/{impl}"] = {
@@ -187,6 +201,7 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
             "model_config": first["model_config"], "params": params,
             "step_seconds": step, "step_seconds_stdev": statistics.pstdev(windows) if len(windows) > 1 else 0.0,
             "windows": len(windows), "tokens_per_second": tokens_per_second,
+            "matmul_peak_flops": peak,
             "mfu": tokens_per_second * model_flops_per_token(cfg, params) / peak if params else None,
             "per_device_state_bytes": max(per_device) * slots if per_device else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in group),
@@ -202,7 +217,8 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
             # Against the stages' compute run alone: also counts their slowdown on shared cores.
             row["compute_efficiency"] = (sum(row["stage_compute_seconds"]) /
                                          (row["num_stages"] * row["step_seconds"]))
-    return {"rows": rows, "matmul_peak_flops": peak, "peak_dtype": dtype.name,
+    return {"rows": rows, "matmul_peak_flops": statistics.median(peaks) if peaks else None,
+            "matmul_peak_flops_range": [min(peaks), max(peaks)] if peaks else None, "peak_dtype": dtype.name,
             "global_batch_size": base.data.global_batch_size, "model_size": base.model.size,
             "mixed_precision": base.mixed_precision}
 
@@ -251,9 +267,11 @@ def markdown(rep: Dict[str, Any]) -> str:
             f"| {r['compute_efficiency']:.2f} |" for r in pipeline)
     if len(scaling) > 2:
         text += "\n\n" + "\n".join(scaling)
+    low, high = rep["matmul_peak_flops_range"] or (0, 0)
     return (text + f"\n\nmodel {rep['model_size']}, global batch {rep['global_batch_size']}, "
-            f"{rep['mixed_precision']}; matmul peak "
-            f"({rep['peak_dtype']}, 2048^2): {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s\n")
+            f"{rep['mixed_precision']}; matmul peak ({rep['peak_dtype']}, 2048^2, best of 10, measured "
+            f"before each cell; a cell's MFU uses its own): median {(rep['matmul_peak_flops'] or 0) / 1e9:.0f} "
+            f"GFLOP/s, {low / 1e9:.0f}–{high / 1e9:.0f} over the cells\n")
 
 
 def plot(rep: Dict[str, Any], path: str) -> bool:
