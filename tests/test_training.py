@@ -2,12 +2,14 @@
 and the dtype gradients are summed in."""
 
 import re
+import types
 from unittest import mock
 
-from tests.testbase import TestCase, absltest, np, parameterized, tf, tiny_run
+from tests.testbase import TestCase, absltest, keras, np, parameterized, tf, tiny_run
 from tfpar import config as config_lib
 from tfpar import driver
 from tfpar import strategies
+from tfpar import training
 
 
 class ReplicasFromFlagsTest(absltest.TestCase):
@@ -86,6 +88,14 @@ class GradientReduceDtypeTest(TestCase):
         self.assertGreater(expected[0] - expected[-1], 0.1, expected)
         self.assertLossesClose(expected, losses, rtol=1e-2)
         self.assertFalse(np.allclose(losses, expected, rtol=1e-7, atol=0), losses)  # rounded gradients
+
+    def test_refused_with_loss_scaling_and_other_dtypes(self):
+        step = training.TrainStep(reduce_dtype="bfloat16")
+        model = types.SimpleNamespace(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
+        with self.assertRaisesRegex(ValueError, "does not combine with loss scaling"):
+            step(model, None, None)
+        with self.assertRaisesRegex(ValueError, "grad_reduce_dtype.*float16.*bfloat16"):
+            training.TrainStep(reduce_dtype="float16")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ implementation runs at its own default (tfpar-train's: XLA for float32
 default/mirrored/multi_worker; Keras's "auto": no XLA on a CPU-only machine);
 --jit_compile turns XLA on for every cell whose strategy supports it (not
 dtensor or pipeline), plain Keras included; --nojit_compile turns it off for
-all. MFU is against a 2048^2 matmul timed (best of 10) just before each cell.
+all. MFU is against the median of a 2048^2 matmul's peak timed (best of 10)
+before each cell.
 Writes bench.json, bench.md and bench.png (with matplotlib).
 """
 
@@ -229,6 +230,7 @@ def main(argv):
         train_cli.fail(str(e))
     train_cli.quiet_tensorflow()
     from tfpar import benchmark  # pylint: disable=import-outside-toplevel
+    benchmark.leave_gpu_memory_to_cells()
     results, failures = [], {}
     for round_index in range(FLAGS.repeats):
         for label, impl, run, extra in cells:
@@ -237,7 +239,7 @@ def main(argv):
             spec = {"impl": impl, "run": benchmark.config_to_dict(run), "steps": FLAGS.steps,
                     "warmup": FLAGS.warmup, "window": FLAGS.window, "label": label, **extra}
             try:
-                # The machine as this cell finds it: the cell's MFU is against this peak.
+                # The peak as the machine is when this cell starts (MFU: their median).
                 peak = benchmark.matmul_peak_flops(dtype=benchmark.peak_dtype(run.mixed_precision))
                 result = {**_run_cell(label, spec), "matmul_peak_flops": peak}
             except (RuntimeError, subprocess.TimeoutExpired) as e:

@@ -52,6 +52,13 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10, dtype=tf.float32) -> 
     return 2 * size ** 3 / best
 
 
+def leave_gpu_memory_to_cells() -> None:
+    """Lets this process's peak timings take only the GPU memory they use, so
+    that the cells it starts afterwards get the rest."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
 def peak_dtype(mixed_precision: str) -> tf.DType:
     """The dtype of the matmul peak a run's MFU is measured against."""
     return tf.bfloat16 if mixed_precision == "mixed_bfloat16" else tf.float32
@@ -168,18 +175,19 @@ def config_to_dict(run: config_lib.RunConfig) -> Dict[str, Any]:
 def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[str, Any]:
     """Per (label, impl): median step time over every window of every round, and derived figures.
 
-    A cell's MFU is against the matmul peak measured just before it ran
-    (`matmul_peak_flops` in its result; the median over its rounds), so that
-    the shared machine's drift moves both alike; a result without one is
-    compared with a peak measured now.
+    MFU is against the median of the matmul peaks timed before each cell
+    (`matmul_peak_flops` in the results; one peak timed now if none has one):
+    on a shared machine a single timing of the peak is noisy and does not move
+    with the step times, and one peak for every row keeps MFU in the order of
+    tokens/s. Each row also keeps the median peak of its own rounds.
     """
     grouped: Dict[tuple, List[Dict[str, Any]]] = {}
     for result in results:
         grouped.setdefault((result["label"], result["impl"]), []).append(result)
     dtype = peak_dtype(base.mixed_precision)
-    peaks = [r["matmul_peak_flops"] for r in results if r.get("matmul_peak_flops")]
-    fallback = None if len(peaks) == len(results) else matmul_peak_flops(dtype=dtype)
-    peaks += [fallback] if fallback else []
+    peaks = [r["matmul_peak_flops"] for r in results if r.get("matmul_peak_flops")] or (
+        [matmul_peak_flops(dtype=dtype)] if results else [])
+    peak = statistics.median(peaks) if peaks else None
     rows = {}
     for (label, impl), group in grouped.items():
         first = group[0]
@@ -188,7 +196,7 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
         cfg = config_lib.ModelConfig(**first["model_config"])
         params = next((r["params"] for r in results if r["params"] and r["model_config"] == first["model_config"]), 0)
         tokens_per_second = base.data.global_batch_size * cfg.seq_len / step
-        peak = statistics.median(r.get("matmul_peak_flops") or fallback for r in group)
+        own_peaks = [r["matmul_peak_flops"] for r in group if r.get("matmul_peak_flops")]
         slots = 3 if first["optimizer"] == "adamw" else 1  # weights + Adam's two moments
         per_device = first["per_device_param_bytes"]
         rows[f"{label}/{impl}"] = {
@@ -201,7 +209,7 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
             "model_config": first["model_config"], "params": params,
             "step_seconds": step, "step_seconds_stdev": statistics.pstdev(windows) if len(windows) > 1 else 0.0,
             "windows": len(windows), "tokens_per_second": tokens_per_second,
-            "matmul_peak_flops": peak,
+            "matmul_peak_flops": statistics.median(own_peaks) if own_peaks else None,
             "mfu": tokens_per_second * model_flops_per_token(cfg, params) / peak if params else None,
             "per_device_state_bytes": max(per_device) * slots if per_device else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in group),
@@ -217,7 +225,7 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
             # Against the stages' compute run alone: also counts their slowdown on shared cores.
             row["compute_efficiency"] = (sum(row["stage_compute_seconds"]) /
                                          (row["num_stages"] * row["step_seconds"]))
-    return {"rows": rows, "matmul_peak_flops": statistics.median(peaks) if peaks else None,
+    return {"rows": rows, "matmul_peak_flops": peak,
             "matmul_peak_flops_range": [min(peaks), max(peaks)] if peaks else None, "peak_dtype": dtype.name,
             "global_batch_size": base.data.global_batch_size, "model_size": base.model.size,
             "mixed_precision": base.mixed_precision}
@@ -267,11 +275,14 @@ def markdown(rep: Dict[str, Any]) -> str:
             f"| {r['compute_efficiency']:.2f} |" for r in pipeline)
     if len(scaling) > 2:
         text += "\n\n" + "\n".join(scaling)
-    low, high = rep["matmul_peak_flops_range"] or (0, 0)
-    return (text + f"\n\nmodel {rep['model_size']}, global batch {rep['global_batch_size']}, "
-            f"{rep['mixed_precision']}; matmul peak ({rep['peak_dtype']}, 2048^2, best of 10, measured "
-            f"before each cell; a cell's MFU uses its own): median {(rep['matmul_peak_flops'] or 0) / 1e9:.0f} "
-            f"GFLOP/s, {low / 1e9:.0f}–{high / 1e9:.0f} over the cells\n")
+    text += (f"\n\nmodel {rep['model_size']}, global batch {rep['global_batch_size']}, "
+             f"{rep['mixed_precision']}")
+    if rep["matmul_peak_flops"]:
+        low, high = rep["matmul_peak_flops_range"]
+        text += (f"; matmul peak ({rep['peak_dtype']}, 2048^2, best of 10, timed before each cell): "
+                 f"median {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s ({low / 1e9:.0f}–{high / 1e9:.0f}), "
+                 f"the MFU of every row")
+    return text + "\n"
 
 
 def plot(rep: Dict[str, Any], path: str) -> bool:
@@ -327,4 +338,5 @@ def plot(rep: Dict[str, Any], path: str) -> bool:
     return True
 
 
-__all__ = ["measure", "matmul_peak_flops", "model_flops_per_token", "report", "markdown", "plot"]
+__all__ = ["measure", "matmul_peak_flops", "peak_dtype", "leave_gpu_memory_to_cells",
+           "model_flops_per_token", "report", "markdown", "plot"]

@@ -34,7 +34,7 @@ flags.DEFINE_string("communication", "auto", f"multi_worker collectives: {', '.j
 flags.DEFINE_string("grad_reduce_dtype", "float32",
                     f"multi_worker: dtype in which gradients are summed over workers: "
                     f"{', '.join(config_lib.GRAD_REDUCE_DTYPES)} (bfloat16 halves the bytes and rounds "
-                    f"the sums).")
+                    f"the gradients and sums, also on a single worker).")
 flags.DEFINE_string("mesh", "", "dtensor mesh, e.g. batch:2,model:2.")
 flags.DEFINE_string("layout_rules", "", "dtensor layout rules file (JSON).")
 flags.DEFINE_integer("pipeline_stages", 1, "pipeline: number of stages K.")

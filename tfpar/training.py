@@ -1,7 +1,7 @@
 """One optimizer step for `model.fit`: micro-batched accumulation, optional XLA.
 
 `TrainStep` is what tfpar's models call from `train_step`. It differs from
-Keras's own step in two ways that tf.distribute users need:
+Keras's own step in three ways that tf.distribute users need:
 
 * `grad_accum_steps=K` splits each replica's batch into K micro-batches and
   sums their gradients before one `apply_gradients`, so the step equals one
@@ -11,7 +11,8 @@ Keras's own step in two ways that tf.distribute users need:
 * `reduce_dtype="bfloat16"` hands the optimizer bfloat16 gradients, so
   that its all-reduce over replicas sends half the bytes (Megatron-LM's
   `--grad-reduce-in-bf16`, Horovod's compression); Keras's optimizers cast
-  them back to the variables' dtype for the update.
+  them back to the variables' dtype for the update. The gradients are
+  rounded even with one replica, so one worker computes what N do.
 * `jit_compile=True` under a strategy compiles only the gradient computation,
   as a pure function of the variables' values (`Layer.stateless_call`); the
   variables are read, all-reduced and updated outside XLA. Keras compiles the
@@ -23,6 +24,8 @@ from typing import Any, List, Tuple
 
 import keras
 import tensorflow as tf
+
+from tfpar import config as config_lib
 
 
 def num_replicas() -> int:
@@ -57,6 +60,7 @@ class TrainStep:
                  reduce_dtype: str = "float32"):
         self.grad_accum_steps = grad_accum_steps
         self.jit_compile = jit_compile
+        config_lib.choice("grad_reduce_dtype", reduce_dtype, config_lib.GRAD_REDUCE_DTYPES)
         self.reduce_dtype = tf.as_dtype(reduce_dtype)
         self._compiled = {}
 
@@ -65,6 +69,11 @@ class TrainStep:
                 f"jit_compile={self.jit_compile}, reduce_dtype={self.reduce_dtype.name})")
 
     def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
+        if self.reduce_dtype != tf.float32 and isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(  # it unscales in float32 before the all-reduce: nothing would be halved
+                f"reduce_dtype={self.reduce_dtype.name} does not combine with loss scaling. Received: "
+                f"optimizer={type(model.optimizer).__name__}; accepted: an optimizer without loss "
+                f"scaling, or reduce_dtype=float32.")
         variables = model.trainable_variables
         scale = loss_scale(model.optimizer)
         if self.jit_compile and not tf.distribute.has_strategy():
