@@ -249,6 +249,11 @@ class ExportAndPlanTest(TestCase):
             s, h, a = run.model.seq_len, run.model.d_model, run.model.num_heads  # Megatron's per layer, fp32
             expected = layers * s * 4 * h * (34 + 5 * a * s / h) * 4 / 2
             self.assertEqual(figures["estimated_activation_bytes_per_replica"], int(expected), name)
+            self.assertNotIn("grad_reduce_dtype", figures)  # multi_worker's only
+        run = tiny_run("multi_worker", parallel=dict(grad_reduce_dtype="bfloat16"))
+        adapter = strategies.from_config(run.parallel)
+        figures = plan.make_plan(run, adapter, driver.build_model(run, adapter))
+        self.assertEqual(figures["grad_reduce_dtype"], "bfloat16")
 
     def test_plan_only_prints_the_plan_and_does_not_train(self):
         result = run_cli("tfpar.train", "--plan_only", "--strategy=mirrored", "--num_virtual_devices=2",

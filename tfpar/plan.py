@@ -42,6 +42,8 @@ def make_plan(run: config_lib.RunConfig, adapter, model) -> Dict[str, Any]:
         "steps": run.total_steps,
         "precision": run.mixed_precision,
         "jit_compile": run.jit_compile,
+        **({"grad_reduce_dtype": run.parallel.grad_reduce_dtype}
+           if run.parallel.strategy == "multi_worker" else {}),
     }
 
 
