@@ -21,7 +21,6 @@ path, and optimizer slots get their variable's layout. Training is plain
 """
 
 import contextlib
-import re
 import types
 from typing import Dict, List, Optional
 
@@ -294,7 +293,7 @@ class DTensorAdapter(base.StrategyAdapter):
         model is built off the mesh, since its build call has host inputs.
         """
         if self.user_rules:  # a typo in a rules file would silently replicate what it meant to split
-            unused = [p for p, _ in self.rules.rules if not any(re.search(p, v.path) for v in model.weights)]
+            unused = self.rules.unmatched([v.path for v in model.weights])
             if unused:
                 raise ValueError(
                     f"--layout_rules: a rule matches no variable. Received: {', '.join(map(repr, unused))}; "

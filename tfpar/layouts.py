@@ -141,6 +141,15 @@ class LayoutRules:
                              "accepted: a JSON list of [regex, [axis or null, ...]] pairs.")
         return cls(tuple((pattern, tuple(spec)) for pattern, spec in table))
 
+    def matches(self, path: str) -> List[Tuple[str, Spec]]:
+        """The (pattern, spec) rules whose pattern is found in the variable `path`."""
+        return [(p, s) for p, s in self.rules if re.search(p, path)]
+
+    def unmatched(self, paths: Sequence[str]) -> List[str]:
+        """The patterns that match none of `paths`."""
+        matched = {p for path in paths for p, _ in self.matches(path)}
+        return [p for p, _ in self.rules if p not in matched]
+
     def spec_for(self, path: str, shape: Sequence[int], mesh: MeshSpec) -> Spec:
         """The spec of the variable `path` with `shape` on `mesh`.
 
@@ -148,7 +157,7 @@ class LayoutRules:
           ValueError: if two rules match, the spec's rank differs from the
             variable's, or a dimension is not divisible by its mesh axis.
         """
-        matched = [(p, s) for p, s in self.rules if re.search(p, path)]
+        matched = self.matches(path)
         if len(matched) > 1:
             raise ValueError(
                 f"variable {path!r} is matched by {len(matched)} layout rules. Received: "

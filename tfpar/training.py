@@ -91,7 +91,8 @@ class TrainStep:
         else:
             loss, grads = self._accumulate(
                 lambda mx, my: self._stateful_grads(model, mx, my, scale), x, y)
-        model.optimizer.apply_gradients(zip(self._for_reduce(grads), variables))
+            grads = self._for_reduce(grads)  # grad_fn casts inside XLA
+        model.optimizer.apply_gradients(zip(grads, variables))
         return loss
 
     def _for_reduce(self, grads: list) -> list:
@@ -166,7 +167,7 @@ class TrainStep:
                 return tf.cast(loss, tf.float32) * num_replicas(), grads
 
             loss, grads = self._accumulate(micro, x, y)
-            return loss, self._for_reduce(grads), state["non_trainable"]  # the cast fuses into XLA
+            return loss, self._for_reduce(grads), state["non_trainable"]
         return grad_fn
 
 
