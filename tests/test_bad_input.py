@@ -62,6 +62,7 @@ CASES = [
     ("bench_unknown_strategy", "tfpar.bench", ["--strategies=default,pipelin"], None, ["strategies", "pipeline"]),
     ("bench_malformed_pipeline_shape", "tfpar.bench", ["--strategies=pipeline", "--pipeline_shapes=2y8"], None, ["pipeline_shapes", "KxM"]),
     ("bench_no_timed_window", "tfpar.bench", ["--steps=8"], None, ["steps", "window"]),
+    ("bench_out_dir_is_a_file", "tfpar.bench", ["--out_dir=/etc/hostname"], None, ["out_dir", "a file"]),
     ("pipeline_flag_under_mirrored", "tfpar.train", ["--strategy=mirrored", "--remat"], None, ["remat", "pipeline"]),
     ("mesh_without_dtensor", "tfpar.train", ["--strategy=default", "--mesh=model:2"], None, ["mesh", "dtensor"]),
     ("metrics_json_is_a_directory", "tfpar.train", ["--metrics_json=/tmp"], None, ["metrics_json", "directory"]),
@@ -69,6 +70,7 @@ CASES = [
     ("negative_seed", "tfpar.train", ["--seed=-1"], None, ["seed", "2**32"]),
     ("backups_without_model_dir", "tfpar.train", ["--backup_every_steps=5"], None, ["backup_every_steps", "model_dir"]),
     ("tfds_not_prepared", "tfpar.train", ["--dataset=tfds:mnist", "--data_dir=/tmp/tfpar_no_data"], None, ["dataset", "not prepared"]),
+    ("tfds_without_text", "tfpar.train", ["--dataset=tfds:mnist"], None, ["dataset", "no text feature"]),
     ("launch_other_strategy", "tfpar.launch", ["--", "--strategy", "mirrored"], None, ["strategy", "multi_worker"]),
     ("launch_bad_train_flag", "tfpar.launch", ["--", "--model_size=huge"], None, ["model_size", "tiny"]),
     ("generate_without_model", "tfpar.generate", ["--model_dir=/no/such/run"], None, ["model_dir", "no trained model"]),
@@ -141,6 +143,18 @@ class FlagsToConfigTest(absltest.TestCase):
             train.FLAGS(["tfpar-train"])  # --strategy's default is mirrored (XLA on)
             run = train.config_from_flags(config_lib.ParallelConfig(strategy="pipeline", pipeline_stages=2))
         self.assertFalse(run.jit_compile)  # the pipeline refuses XLA
+
+    def test_gpus_are_left_whole_unless_a_split_is_asked_for(self):
+        from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+        from tfpar import train  # pylint: disable=import-outside-toplevel
+        for argv, accelerator, expected in [([], "CPU", 2), ([], "GPU", 0),
+                                            (["--num_virtual_devices=2"], "GPU", 2)]:
+            with self.subTest(argv=argv, accelerator=accelerator), flagsaver.flagsaver():
+                train.FLAGS.unparse_flags()
+                train.FLAGS(["tfpar-train", *argv])
+                run = train.whole_gpus(train.config_from_flags(), accelerator)
+                self.assertEqual((run.parallel.strategy, run.parallel.num_virtual_devices),
+                                 ("mirrored", expected))
 
     def test_empty_strategy_options_from_python_are_not_given(self):
         from tfpar import config as config_lib  # pylint: disable=import-outside-toplevel

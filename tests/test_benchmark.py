@@ -38,6 +38,12 @@ class ReportTest(absltest.TestCase):
                     stage_compute_seconds=[0.1, 0.12]),
         ]
         rep = benchmark.report(results, base)
+        pipe4 = tiny_run("pipeline", devices_count=4, parallel=dict(pipeline_stages=4, num_microbatches=8))
+        with_two_ks = benchmark.report(results + [  # two K at one M: one set of curves per K
+            _result("pipeline K4xM8", "tfpar", pipe4, 0.250, bubble_fraction_gpipe_bound=3 / 11,
+                    stage_busy_seconds=[0.1] * 4, pipeline_efficiency=0.6, traced_step_seconds=0.26,
+                    stage_compute_seconds=[0.05] * 4)], base)
+        self.assertTrue(benchmark.plot(with_two_ks, os.path.join(self.create_tempdir(), "two_ks.png")))
         rows = rep["rows"]
         self.assertAlmostEqual(rows["default/tfpar"]["step_seconds"], 0.1)
         self.assertAlmostEqual(rows["default/tfpar"]["tfpar_over_plain"], 1.25)

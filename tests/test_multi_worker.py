@@ -244,6 +244,25 @@ class LauncherSignalTest(absltest.TestCase):
         self.assertIn("worker(s) 1 still run", stderr.getvalue())
         self.assertIsNotNone(launcher.procs[1].poll())
 
+    def test_killed_workers_temporary_files_are_deleted(self):
+        writer = [sys.executable, "-c", "import tempfile, time; "
+                  "print(tempfile.mkdtemp(prefix='tfpar_worker_'), flush=True); time.sleep(120)"]
+        out = io.StringIO()
+        launcher = launch.local_launcher(2, [], commands=[writer] * 2, grace_seconds=0.5, out=out)
+        launcher.start()
+        self.addCleanup(launcher.stop, 0.0)
+        deadline = time.monotonic() + 30
+        while out.getvalue().count("tfpar_worker_") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        made = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+        self.assertLen(made, 2)
+        for path in made:  # in the launcher's directory, not the system's
+            self.assertEqual(os.path.dirname(path), launcher.tmp_dir)
+            self.assertTrue(os.path.isdir(path))
+        with mock.patch("sys.stderr", io.StringIO()):
+            self.assertEqual(launcher.wait(timeout=0.1), 124)  # SIGTERM, then SIGKILL
+        self.assertFalse(os.path.exists(launcher.tmp_dir))
+
     def test_timeout_stops_the_workers_with_124(self):
         launcher = launch.local_launcher(2, [], commands=[self.SLEEPER] * 2, grace_seconds=0.5,
                                          out=io.StringIO())
@@ -271,7 +290,7 @@ class MultiWorkerProcessTest(absltest.TestCase):
     def setUp(self):
         super().setUp()
         self.tmp = self.create_tempdir().full_path
-        # A killed worker cannot delete its temporary model_dir: keep it in ours.
+        # Everything the launchers and workers put in TMPDIR lands in the test's directory.
         self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TMPDIR": self.tmp}
         self.procs = []
 
@@ -378,6 +397,29 @@ class MultiWorkerProcessTest(absltest.TestCase):
         self.assertEqual(reference["replicas"], 1)
         np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5)
 
+    def test_workers_that_restore_different_steps_refuse_to_train(self):
+        """A worker that cannot read the chief's --model_dir (no shared filesystem) would start
+        over and leave the others waiting in a collective: every worker refuses instead."""
+        flags = [*TINY, self.data_flag(), "--nojit_compile"]
+        chief_dir, other_dir = os.path.join(self.tmp, "chief"), os.path.join(self.tmp, "other")
+        first = subprocess.run(  # one local worker: a backup at step 4
+            [sys.executable, "-m", "tfpar.train", "--strategy=multi_worker", *flags,
+             f"--model_dir={chief_dir}"], capture_output=True, text=True, timeout=TIMEOUT, env=self.env)
+        self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+        out = io.StringIO()
+        with mock.patch.dict(os.environ, {"TF_CPP_MIN_LOG_LEVEL": "3"}):
+            launcher = launch.local_launcher(2, [], out=out, commands=[
+                launch.worker_command([*flags, "--epochs=2", f"--model_dir={path}"])
+                for path in (chief_dir, other_dir)])
+        launcher.start()
+        self.addCleanup(launcher.stop, 0.0)
+        with mock.patch("sys.stderr", io.StringIO()):
+            self.assertEqual(launcher.wait(timeout=TIMEOUT), 2, out.getvalue()[-3000:])
+        for i in range(2):
+            self.assertIn(f"[worker {i}] tfpar: error: multi_worker: the workers would resume from different "
+                          "steps of --model_dir's backup, so they cannot train in step. Received: steps [4, 0]",
+                          out.getvalue())
+
     def test_killed_worker_fails_fast_and_rerun_resumes_exactly(self):
         run_flags = ["--model_size=tiny", "--global_batch_size=8", "--steps_per_epoch=40", "--epochs=2",
                      "--backup_every_steps=8", "--verbose=0", self.data_flag(),
@@ -403,7 +445,8 @@ class MultiWorkerProcessTest(absltest.TestCase):
             time.sleep(0.02)
         self.assertTrue(os.path.exists(backup), "no backup appeared")
         descendants = psutil.Process(launcher.pid).children(recursive=True)
-        workers = [p for p in descendants if "tfpar.train" in " ".join(p.cmdline())]
+        workers = {json.loads(p.environ()["TF_CONFIG"])["task"]["index"]: p
+                   for p in descendants if "tfpar.train" in " ".join(p.cmdline())}
         self.assertLen(workers, 2)
         workers[1].send_signal(signal.SIGKILL)  # mid-epoch 0 or 1, before step 80
         killed_at = time.monotonic()
@@ -415,6 +458,9 @@ class MultiWorkerProcessTest(absltest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(killed_dir, "final.weights.h5")))
         with open(log_path) as log:
             self.assertIn("worker 1 exited with status 137; stopping the others", log.read())
+        # The killed worker's temporary backup directory went with the launcher's.
+        self.assertEqual([n for n in os.listdir(self.tmp) if n.startswith(("tfpar_launch_", "tfpar_worker_"))],
+                         [])
 
         metrics_path = os.path.join(self.tmp, "resumed.json")
         rerun = subprocess.run(launch_command(killed_dir, f"--metrics_json={metrics_path}"),

@@ -6,6 +6,7 @@ import types
 from unittest import mock
 
 from tests.testbase import TestCase, absltest, keras, np, parameterized, tf, tiny_run
+from tfpar import callbacks as callbacks_lib
 from tfpar import config as config_lib
 from tfpar import driver
 from tfpar import strategies
@@ -27,6 +28,23 @@ class ReplicasFromFlagsTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "num_microbatches must divide the per-replica batch"):
             tiny_run("pipeline", global_batch_size=8, devices_count=4,
                      parallel=dict(pipeline_stages=2, num_microbatches=8))  # 2 replicas of 4
+
+
+class StepRecorderTest(absltest.TestCase):
+
+    def test_a_resumed_run_keeps_one_clock_and_times_only_steps_within_a_fit(self):
+        recorder = callbacks_lib.StepRecorder(tokens_per_step=100)
+        # fit 1 starts at 0 s: steps end at 1.0 (tracing), 1.1, 1.2; in fit 2 the first step
+        # (a new dataset) ends at 6.0, then 6.1, 6.2.
+        clock = iter([0.0, 1.0, 1.1, 1.2, 6.0, 6.1, 6.2])
+        with mock.patch.object(callbacks_lib.time, "perf_counter", lambda: next(clock)):
+            for _ in range(2):
+                recorder.on_train_begin()
+                for step in range(3):
+                    recorder.on_train_batch_end(step, {"step_loss": 1.0})
+        self.assertEqual(recorder.start_time, 0.0)
+        self.assertAlmostEqual(recorder.step_seconds, 0.1)
+        self.assertAlmostEqual(recorder.tokens_per_second, 1000.0)
 
 
 class OptimizerTest(TestCase):

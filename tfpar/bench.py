@@ -222,6 +222,7 @@ def main(argv):
         for impl in FLAGS.impls:
             config_lib.choice("impls", impl, ("tfpar", "plain"))
         check_timing_flags()
+        config_lib.writable_path("out_dir", FLAGS.out_dir, directory=True)  # before minutes of cells
         options = strategy_options()
         base = train_cli.config_from_flags(config_lib.ParallelConfig()).replace(
             model_dir=None, metrics_json=None, verbose=0)

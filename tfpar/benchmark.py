@@ -301,7 +301,10 @@ def plot(rep: Dict[str, Any], path: str) -> bool:
     for r in rep["rows"].values():
         if r["scaling"]:
             curves.setdefault(r["scaling"][0], []).append((r["scaling"][1], r["tokens_per_second"], r["peak_rss_mb"]))
-    pipeline = sorted((int(r["label"].split("xM")[1]), r) for r in rows if r.get("pipeline_efficiency") is not None)
+    pipeline = {}  # K -> [(M, row)]: the GPipe bound depends on both
+    for r in rows:
+        if r.get("pipeline_efficiency") is not None:
+            pipeline.setdefault(r["num_stages"], []).append((int(r["label"].split("xM")[1]), r))
     extra = len(curves) + (1 if pipeline else 0)
     fig, axes = plt.subplots(1, 2 + extra, figsize=(6 + 4 * (1 + extra), 4))
     names = [f"{r['label']}\n{r['impl']}" for r in rows]
@@ -322,10 +325,15 @@ def plot(rep: Dict[str, Any], path: str) -> bool:
         twin.set_ylabel("peak RSS MB")
     if pipeline:
         ax = axes[-1]
-        micro = [m for m, _ in pipeline]
-        ax.plot(micro, [r["pipeline_efficiency"] for _, r in pipeline], "o-", label="measured (trace)")
-        ax.plot(micro, [r["compute_efficiency"] for _, r in pipeline], "s:", label="vs stages' compute alone")
-        ax.plot(micro, [1 - r["bubble_fraction_gpipe_bound"] for _, r in pipeline], "k--", label="GPipe bound")
+        for k, points in sorted(pipeline.items()):
+            points.sort(key=lambda point: point[0])
+            micro, cells = [m for m, _ in points], [r for _, r in points]
+            line = ax.plot(micro, [r["pipeline_efficiency"] for r in cells], "o-", label=f"K={k} measured (trace)")
+            color = line[0].get_color()
+            ax.plot(micro, [r["compute_efficiency"] for r in cells], "s:", color=color,
+                    label=f"K={k} vs stages' compute alone")
+            ax.plot(micro, [1 - r["bubble_fraction_gpipe_bound"] for r in cells], "--", color=color,
+                    label=f"K={k} GPipe bound")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("micro-batches M")
         ax.set_ylabel("pipeline efficiency")

@@ -23,9 +23,12 @@ class StepRecorder(keras.callbacks.Callback):
         self.step_ends: List[float] = []
         self.start_time: Optional[float] = None
         self.non_finite_step: Optional[int] = None
+        self._fit_starts = set()  # index of each `fit` call's first step
 
     def on_train_begin(self, logs=None):
-        self.start_time = time.perf_counter()
+        if self.start_time is None:  # a resumed run calls `fit` twice: one clock
+            self.start_time = time.perf_counter()
+        self._fit_starts.add(len(self.step_ends))
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -36,21 +39,39 @@ class StepRecorder(keras.callbacks.Callback):
             self.non_finite_step = len(self.step_losses)
             self.model.stop_training = True
 
+    def _timed_steps(self) -> List[float]:
+        """Step times after the first `warmup_steps` steps (tracing excluded), leaving out
+        the first step of each later `fit` call (it also waits for a new dataset)."""
+        ends = self.step_ends
+        return [ends[i] - ends[i - 1] for i in range(max(1, self.warmup_steps), len(ends))
+                if i not in self._fit_starts]
+
     @property
     def tokens_per_second(self) -> float:
-        """Throughput after the first `warmup_steps` steps (tracing excluded)."""
-        timed = len(self.step_ends) - self.warmup_steps
-        if timed <= 0:
-            return 0.0
-        seconds = self.step_ends[-1] - self.step_ends[self.warmup_steps - 1]
-        return timed * self.tokens_per_step / seconds if seconds > 0 else 0.0
+        """Throughput after the first `warmup_steps` steps."""
+        timed = self._timed_steps()
+        seconds = sum(timed)
+        return len(timed) * self.tokens_per_step / seconds if seconds > 0 else 0.0
 
     @property
     def step_seconds(self) -> float:
-        timed = len(self.step_ends) - self.warmup_steps
-        if timed <= 0:
-            return 0.0
-        return (self.step_ends[-1] - self.step_ends[self.warmup_steps - 1]) / timed
+        timed = self._timed_steps()
+        return sum(timed) / len(timed) if timed else 0.0
+
+
+class FiniteEpochWeights(keras.callbacks.ModelCheckpoint):
+    """Keras's ModelCheckpoint (weights each epoch), except after a non-finite loss.
+
+    Keras still ends the epoch, and calls `on_epoch_end`, after `stop_training`.
+    """
+
+    def __init__(self, filepath: str, recorder: StepRecorder):
+        super().__init__(filepath, save_weights_only=True)
+        self.recorder = recorder
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.recorder.non_finite_step is None:
+            super().on_epoch_end(epoch, logs)
 
 
 class TrainingScalars(keras.callbacks.Callback):

@@ -63,6 +63,12 @@ class StepBackup(keras.callbacks.Callback):
                 f"or a new --model_dir. ({str(e).splitlines()[0]})") from None
         return self.step
 
+    def latest_step(self) -> int:
+        """The step of the backup `restore` would load (0: none), from its name, without
+        loading it."""
+        latest = tf.train.latest_checkpoint(self.restore_from)
+        return int(latest.rsplit("-", 1)[1]) if latest else 0
+
     @property
     def step(self) -> int:
         return int(self.checkpoint.model.optimizer.iterations.numpy())

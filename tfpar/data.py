@@ -138,16 +138,15 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
             f"--dataset: TFDS dataset not prepared in --data_dir. Received: "
             f"dataset={data.dataset!r}, data_dir={data.data_dir!r}; accepted: a dataset prepared "
             f"there (`tfds build {arg} --data_dir=...` where there is network), or no --data_dir.")
-    if not prepared:
-        builder.download_and_prepare()
-    ds = builder.as_dataset(split="train")
-    keys = [k for k, f in builder.info.features.items() if getattr(f, "dtype", None) == tf.string]
-    if not keys:
+    keys = [k for k, f in builder.info.features.items() if getattr(f, "tf_dtype", None) == tf.string]
+    if not keys:  # known before anything is downloaded
         raise ValueError(
             f"--dataset: TFDS dataset has no text feature. Received: dataset={data.dataset!r}; "
             "accepted: a dataset with a string feature such as 'text'.")
+    if not prepared:
+        builder.download_and_prepare()
     key = "text" if "text" in keys else keys[0]
-    return ds.map(lambda ex: ex[key])
+    return builder.as_dataset(split="train").map(lambda ex: ex[key])
 
 
 def token_windows(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:

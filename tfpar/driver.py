@@ -43,8 +43,10 @@ def build_model(run: config_lib.RunConfig, adapter) -> modeling.LanguageModel:
     return model
 
 
-def fit_callbacks(run: config_lib.RunConfig, adapter, model, work_dir: Optional[str]) -> List[Any]:
-    """Per-epoch weights and TensorBoard scalars under `work_dir` (the chief's model_dir).
+def fit_callbacks(run: config_lib.RunConfig, adapter, model, work_dir: Optional[str],
+                  recorder: callbacks_lib.StepRecorder) -> List[Any]:
+    """Per-epoch weights (while the loss is finite) and TensorBoard scalars under `work_dir`
+    (the chief's model_dir).
 
     Keras's TensorBoard callback (epoch metrics, profile) is added per `fit` call by `_fit_from`.
     """
@@ -52,9 +54,8 @@ def fit_callbacks(run: config_lib.RunConfig, adapter, model, work_dir: Optional[
         return []
     logs = os.path.join(work_dir, "logs")
     return [
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(work_dir, "checkpoints", "epoch_{epoch:03d}.weights.h5"),
-            save_weights_only=True),
+        callbacks_lib.FiniteEpochWeights(
+            os.path.join(work_dir, "checkpoints", "epoch_{epoch:03d}.weights.h5"), recorder),
         callbacks_lib.TrainingScalars(
             os.path.join(logs, "steps"), run.data.global_batch_size * model.tokens_per_example(),
             adapter.devices, every_steps=min(10, run.steps_per_epoch)),
@@ -102,7 +103,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             if run.plan_only:
                 return TrainResult(metrics={"plan": plan}, model=model)
         recorder = callbacks_lib.StepRecorder(run.data.global_batch_size * model.tokens_per_example())
-        callbacks = [recorder, *extra_callbacks, *fit_callbacks(run, adapter, model, work_dir)]
+        callbacks = [recorder, *extra_callbacks, *fit_callbacks(run, adapter, model, work_dir, recorder)]
         start_step = 0
         if work_dir:
             os.makedirs(work_dir, exist_ok=True)
@@ -110,6 +111,9 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
                 os.path.join(work_dir, "backup"), model,
                 every_steps=run.backup_every_steps or run.steps_per_epoch,
                 restore_from=os.path.join(run.model_dir, "backup"))
+            # Before restoring: a restore on some workers only would already run collectives
+            # the others do not.
+            adapter.check_resume_step(backup.latest_step())
             with adapter.scope():  # the optimizer may build its slots here
                 start_step = backup.restore()
             if start_step and adapter.is_chief:  # the chief's check stops every worker

@@ -14,9 +14,11 @@ SIGTERM are forwarded to all workers. Does not import TensorFlow.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import List, Optional, Sequence
@@ -114,6 +116,7 @@ class Launcher:
         self._lock = threading.Lock()
         self._threads: List[threading.Thread] = []
         self._signal: Optional[int] = None
+        self.tmp_dir: Optional[str] = None
 
     def _pump(self, index: int, stream) -> None:
         for raw in iter(stream.readline, b""):
@@ -124,11 +127,16 @@ class Launcher:
         stream.close()
 
     def start(self) -> None:
-        """Starts every worker in its own process group, then their output pumps."""
+        """Starts every worker in its own process group, then their output pumps.
+
+        Workers get a temporary directory of the launcher's (TMPDIR) that `stop`
+        deletes: a killed worker cannot delete its own temporary files.
+        """
         preexec_fn = _death_signal_fn()
+        self.tmp_dir = tempfile.mkdtemp(prefix="tfpar_launch_")
         for command, env in zip(self.commands, self.envs):
             self.procs.append(subprocess.Popen(
-                command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                command, env={**env, "TMPDIR": self.tmp_dir}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn))
         for i, proc in enumerate(self.procs):
             thread = threading.Thread(target=self._pump, args=(i, proc.stdout), daemon=True)
@@ -163,6 +171,8 @@ class Launcher:
             proc.wait()
         for thread in self._threads:
             thread.join(timeout=2)
+        if self.tmp_dir:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _on_signal(self, signum, frame):
         del frame

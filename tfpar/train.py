@@ -8,6 +8,7 @@ Bad input exits with status 2 and one line on stderr, before TensorFlow starts.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -27,7 +28,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "gpt", f"Model: {', '.join(config_lib.MODELS)}.")
 flags.DEFINE_string("model_size", "small", f"Size preset: {', '.join(config_lib.MODEL_SIZES)}.")
 flags.DEFINE_string("strategy", "mirrored", f"Strategy: {', '.join(config_lib.STRATEGIES)}.")
-flags.DEFINE_integer("num_virtual_devices", 2, "Split the CPU (or GPU) into N logical devices; 0 leaves them.")
+flags.DEFINE_integer("num_virtual_devices", 2, "Split the CPU (or, when given, the first GPU) into N "
+                     "logical devices; 0 leaves them. Not given, GPUs are left whole.")
 flags.DEFINE_list("devices", [], "Devices for `mirrored` (default: the first N virtual devices).")
 flags.DEFINE_string("cross_device_ops", "auto", f"mirrored all-reduce: {', '.join(config_lib.CROSS_DEVICE_OPS)}.")
 flags.DEFINE_string("communication", "auto", f"multi_worker collectives: {', '.join(config_lib.COMMUNICATIONS)}.")
@@ -192,11 +194,20 @@ def checked_config(argv) -> config_lib.RunConfig:
         fail(str(e))
 
 
+def whole_gpus(run: config_lib.RunConfig, accelerator: str) -> config_lib.RunConfig:
+    """`run` with the GPUs left whole (one replica per GPU) when --num_virtual_devices was not
+    given: its default split (2 devices) is for CPU-only machines."""
+    if accelerator != "GPU" or FLAGS["num_virtual_devices"].present or not run.parallel.num_virtual_devices:
+        return run
+    return run.replace(parallel=dataclasses.replace(run.parallel, num_virtual_devices=0))
+
+
 def main(argv):
     run = checked_config(argv)
     quiet_tensorflow()
     from tfpar import devices  # pylint: disable=import-outside-toplevel
     from tfpar import driver  # pylint: disable=import-outside-toplevel
+    run = whole_gpus(run, devices.accelerator_kind())
     try:
         if run.parallel.strategy != "multi_worker":  # its strategy must start TF itself
             devices.configure_virtual_devices(run.parallel.num_virtual_devices, run.parallel.concurrent_devices)
