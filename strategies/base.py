@@ -95,10 +95,10 @@ class StrategyAdapter:
         del run
         model.optimizer.build(model.trainable_variables)
 
-    def check_resume_step(self, start_step: int) -> None:
-        """Hook run before the backup is restored, with the step it holds; multi-worker
-        adapters check that every worker would restore the same step."""
-        del start_step
+    def check_resume_step(self, backup_step: int) -> None:
+        """Hook run before the backup is restored, with the step it holds (-1: none);
+        multi-worker adapters check that every worker would restore the same step."""
+        del backup_step
 
     def per_device_param_bytes(self, model: keras.Model) -> List[int]:
         """Bytes of trainable parameters held by each device."""

@@ -105,9 +105,10 @@ class MultiWorkerAdapter(base.StrategyAdapter):
         """The chief task, or worker 0 when the cluster has no chief."""
         return self.cluster.is_chief if self.cluster else True
 
-    def check_resume_step(self, start_step: int) -> None:
+    def check_resume_step(self, backup_step: int) -> None:
         """Every worker restores the chief's backup, so all resume at one step; a worker
         that cannot read it would start over, out of step with the others' collectives.
+        `backup_step` is this worker's (-1: no backup).
 
         Raises (on every worker alike):
           ValueError: if the workers would restore different steps.
@@ -115,13 +116,15 @@ class MultiWorkerAdapter(base.StrategyAdapter):
         if self.num_workers <= 1:
             return
         gather = lambda: tf.distribute.get_replica_context().all_gather(  # noqa: E731
-            tf.constant([start_step], tf.int64), axis=0)
-        steps = self.strategy.experimental_local_results(self.strategy.run(gather))[0].numpy().tolist()
+            tf.constant([backup_step], tf.int64), axis=0)
+        gathered = tf.function(lambda: self.strategy.run(gather))()  # eager `run` warns of overhead
+        steps = self.strategy.experimental_local_results(gathered)[0].numpy().tolist()
         if len(set(steps)) > 1:
             raise ValueError(
                 f"multi_worker: the workers would resume from different steps of --model_dir's backup, so "
-                f"they cannot train in step. Received: steps {steps} (one per replica, in worker "
-                f"order); accepted: one --model_dir that every worker reads (a shared "
+                f"they cannot train in step. Received: backup steps "
+                f"{', '.join(str(step) if step >= 0 else 'none' for step in steps)} (one per replica, "
+                f"in worker order); accepted: one --model_dir that every worker reads (a shared "
                 f"filesystem, as for Keras's BackupAndRestore), or a new --model_dir.")
 
     def describe(self) -> str:

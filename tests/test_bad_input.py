@@ -147,12 +147,20 @@ class FlagsToConfigTest(absltest.TestCase):
     def test_gpus_are_left_whole_unless_a_split_is_asked_for(self):
         from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
         from tfpar import train  # pylint: disable=import-outside-toplevel
-        for argv, accelerator, expected in [([], "CPU", 2), ([], "GPU", 0),
-                                            (["--num_virtual_devices=2"], "GPU", 2)]:
+        # Before TensorFlow starts (accelerator None) the default split is not known: an odd
+        # batch waits for the second pass, which refuses it on CPUs (2 replicas) only.
+        for argv, accelerator, expected in [
+                ([], None, 0), ([], "CPU", 2), ([], "GPU", 0), (["--num_virtual_devices=2"], "GPU", 2),
+                (["--global_batch_size=9"], None, 0), (["--global_batch_size=9"], "GPU", 0),
+                (["--global_batch_size=9"], "CPU", "replicas=2")]:
             with self.subTest(argv=argv, accelerator=accelerator), flagsaver.flagsaver():
                 train.FLAGS.unparse_flags()
                 train.FLAGS(["tfpar-train", *argv])
-                run = train.whole_gpus(train.config_from_flags(), accelerator)
+                if isinstance(expected, str):
+                    with self.assertRaisesRegex(ValueError, expected):
+                        train.config_from_flags(accelerator=accelerator)
+                    continue
+                run = train.config_from_flags(accelerator=accelerator)
                 self.assertEqual((run.parallel.strategy, run.parallel.num_virtual_devices),
                                  ("mirrored", expected))
 

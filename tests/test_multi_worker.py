@@ -417,7 +417,7 @@ class MultiWorkerProcessTest(absltest.TestCase):
             self.assertEqual(launcher.wait(timeout=TIMEOUT), 2, out.getvalue()[-3000:])
         for i in range(2):
             self.assertIn(f"[worker {i}] tfpar: error: multi_worker: the workers would resume from different "
-                          "steps of --model_dir's backup, so they cannot train in step. Received: steps [4, 0]",
+                          "steps of --model_dir's backup, so they cannot train in step. Received: backup steps 4, none",
                           out.getvalue())
 
     def test_killed_worker_fails_fast_and_rerun_resumes_exactly(self):

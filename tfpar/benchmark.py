@@ -338,7 +338,7 @@ def plot(rep: Dict[str, Any], path: str) -> bool:
         ax.set_xlabel("micro-batches M")
         ax.set_ylabel("pipeline efficiency")
         ax.set_ylim(0, 1)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle("tfpar-bench (" + rep["model_size"] + ")")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -17,6 +17,7 @@ loss is dropped, so the latest backup is always the last good state.
 
 import math
 import os
+import re
 from typing import Optional
 
 import keras
@@ -64,10 +65,21 @@ class StepBackup(keras.callbacks.Callback):
         return self.step
 
     def latest_step(self) -> int:
-        """The step of the backup `restore` would load (0: none), from its name, without
-        loading it."""
+        """The step of the backup `restore` would load (-1: none), from its name
+        (`ckpt-STEP`), without loading it.
+
+        Raises:
+          ValueError: for a checkpoint that tfpar did not name.
+        """
         latest = tf.train.latest_checkpoint(self.restore_from)
-        return int(latest.rsplit("-", 1)[1]) if latest else 0
+        if latest is None:
+            return -1
+        match = re.fullmatch(r"ckpt-(\d+)", os.path.basename(latest))
+        if not match:
+            raise ValueError(
+                f"--model_dir's backup is not one tfpar wrote. Received: backup={latest}; "
+                f"accepted: backups named ckpt-STEP, or a new --model_dir.")
+        return int(match.group(1))
 
     @property
     def step(self) -> int:

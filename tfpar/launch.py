@@ -134,10 +134,15 @@ class Launcher:
         """
         preexec_fn = _death_signal_fn()
         self.tmp_dir = tempfile.mkdtemp(prefix="tfpar_launch_")
-        for command, env in zip(self.commands, self.envs):
-            self.procs.append(subprocess.Popen(
-                command, env={**env, "TMPDIR": self.tmp_dir}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn))
+        try:
+            for command, env in zip(self.commands, self.envs):
+                self.procs.append(subprocess.Popen(
+                    command, env={**env, "TMPDIR": self.tmp_dir}, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=preexec_fn))
+        except OSError:  # e.g. a command that does not exist: stop those already started
+            self.stop(0.0)
+            raise
         for i, proc in enumerate(self.procs):
             thread = threading.Thread(target=self._pump, args=(i, proc.stdout), daemon=True)
             thread.start()

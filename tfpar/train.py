@@ -8,7 +8,6 @@ Bad input exits with status 2 and one line on stderr, before TensorFlow starts.
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -94,11 +93,18 @@ def model_from_flags() -> config_lib.ModelConfig:
                                    dropout=FLAGS.dropout)
 
 
-def parallel_options_from_flags() -> dict:
-    """ParallelConfig's fields from the parsed flags (not yet validated against each other)."""
+def parallel_options_from_flags(accelerator: Optional[str] = None) -> dict:
+    """ParallelConfig's fields from the parsed flags (not yet validated against each other).
+
+    --num_virtual_devices's default split is for CPU-only machines: not given, it
+    is 0 (devices left as they are) under multi_worker (one replica per worker
+    process), on GPUs (one replica per GPU), and while `accelerator` is not known
+    yet (TensorFlow not imported; the replica checks wait for the second pass).
+    """
     num_virtual_devices = FLAGS.num_virtual_devices
-    if FLAGS.strategy == "multi_worker" and not FLAGS["num_virtual_devices"].present:
-        num_virtual_devices = 0  # one replica per worker process; the default 2 is for mirrored
+    if not FLAGS["num_virtual_devices"].present and (FLAGS.strategy == "multi_worker"
+                                                     or accelerator != "CPU"):
+        num_virtual_devices = 0
     return dict(
         strategy=FLAGS.strategy, num_virtual_devices=num_virtual_devices,
         devices=tuple(FLAGS.devices), cross_device_ops=FLAGS.cross_device_ops,
@@ -109,11 +115,12 @@ def parallel_options_from_flags() -> dict:
         stage_boundaries=_int_list("stage_boundaries", FLAGS.stage_boundaries), remat=FLAGS.remat)
 
 
-def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None) -> config_lib.RunConfig:
+def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None,
+                      accelerator: Optional[str] = None) -> config_lib.RunConfig:
     """Turns the parsed flags into a validated RunConfig (raises ValueError).
 
     `parallel` replaces the parallel part the flags describe (tfpar-bench sets
-    it per cell).
+    it per cell). `accelerator` ("CPU" or "GPU") resolves the default device split.
     """
     model = model_from_flags()
     kind, colon, source = FLAGS.dataset.partition(":")
@@ -122,7 +129,7 @@ def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None) -> c
     data = config_lib.DataConfig(
         dataset=dataset, data_dir=expand_path(FLAGS.data_dir), global_batch_size=FLAGS.global_batch_size,
         seq_len=model.seq_len, seed=FLAGS.seed)
-    parallel = parallel or config_lib.ParallelConfig(**parallel_options_from_flags())
+    parallel = parallel or config_lib.ParallelConfig(**parallel_options_from_flags(accelerator))
     jit_compile = FLAGS.jit_compile
     if jit_compile is None:  # not given: XLA where it was measured faster
         jit_compile = config_lib.default_jit_compile(parallel.strategy, FLAGS.mixed_precision)
@@ -185,29 +192,21 @@ def refuse_positional(argv, program: str = "tfpar") -> None:
                  "form --name=value only.", program)
 
 
-def checked_config(argv) -> config_lib.RunConfig:
+def checked_config(argv, accelerator: Optional[str] = None) -> config_lib.RunConfig:
     """The RunConfig of the parsed flags; bad input (or a positional argument) exits with one line."""
     refuse_positional(argv)
     try:
-        return config_from_flags()
+        return config_from_flags(accelerator=accelerator)
     except ValueError as e:
         fail(str(e))
 
 
-def whole_gpus(run: config_lib.RunConfig, accelerator: str) -> config_lib.RunConfig:
-    """`run` with the GPUs left whole (one replica per GPU) when --num_virtual_devices was not
-    given: its default split (2 devices) is for CPU-only machines."""
-    if accelerator != "GPU" or FLAGS["num_virtual_devices"].present or not run.parallel.num_virtual_devices:
-        return run
-    return run.replace(parallel=dataclasses.replace(run.parallel, num_virtual_devices=0))
-
-
 def main(argv):
-    run = checked_config(argv)
+    checked_config(argv)  # before TensorFlow starts
     quiet_tensorflow()
     from tfpar import devices  # pylint: disable=import-outside-toplevel
     from tfpar import driver  # pylint: disable=import-outside-toplevel
-    run = whole_gpus(run, devices.accelerator_kind())
+    run = checked_config(argv, devices.accelerator_kind())  # the default device split resolved
     try:
         if run.parallel.strategy != "multi_worker":  # its strategy must start TF itself
             devices.configure_virtual_devices(run.parallel.num_virtual_devices, run.parallel.concurrent_devices)
