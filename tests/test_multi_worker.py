@@ -196,7 +196,10 @@ class LauncherSignalTest(absltest.TestCase):
         """)
 
     def start_launcher(self):
-        proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT], stdout=subprocess.PIPE, text=True)
+        # A SIGKILLed launcher cannot delete its workers' TMPDIR: keep it in the test's directory.
+        env = {**os.environ, "TMPDIR": self.create_tempdir().full_path}
+        proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT], stdout=subprocess.PIPE, text=True,
+                                env=env)
         self.addCleanup(proc.wait, timeout=30)
         self.addCleanup(proc.kill)
         pids = [int(pid) for pid in proc.stdout.readline().split()]
