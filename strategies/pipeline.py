@@ -136,6 +136,21 @@ class PipelineAdapter(base.StrategyAdapter):
             raise ValueError(
                 "pipeline() needs a built model (its variables decide the stage cut). Received: "
                 f"an unbuilt {type(model).__name__}; accepted: a model after build() or a first call.")
+        if self.remat:  # recomputation would redraw dropout masks and update such state twice
+            stateful = [layer.name for layer in model.layers if layer.non_trainable_variables]
+            if stateful:
+                raise ValueError(
+                    f"pipeline() with remat recomputes each stage's forward pass, so layers with "
+                    f"random or non-trainable state (Dropout, BatchNormalization) would differ from "
+                    f"it. Received: {', '.join(stateful)}; accepted: remat=False, or layers without "
+                    f"such state.")
+        regularized = [layer.name for layer in model.layers if layer.losses]
+        if regularized:
+            raise ValueError(
+                f"pipeline() takes each stage's gradient from the loss alone, so regularizer losses "
+                f"of earlier stages would be missed. Received: layers with losses: "
+                f"{', '.join(regularized)}; accepted: layers without regularizers (AdamW's weight "
+                f"decay instead).")
         return self._cut(PipelinedLayers(model.layers, self), grad_accum_steps)
 
     def prepare_model(self, model: keras.Model, run: config_lib.RunConfig) -> keras.Model:
@@ -273,10 +288,22 @@ class PipelinedLayers(keras.Model):
         return inputs
 
     def compile(self, *args, **kwargs):
-        super().compile(*args, **kwargs)
+        """Keras's compile, without XLA (its "auto" turns it on with a GPU) or compiled metrics."""
+        if kwargs.get("jit_compile") not in (None, False, "auto"):
+            raise ValueError(
+                f"a pipeline cannot be compiled with XLA (its variables live on several devices). "
+                f"Received: jit_compile={kwargs['jit_compile']!r}; accepted: False.")
+        if kwargs.get("metrics") or kwargs.get("weighted_metrics"):
+            raise ValueError(
+                "a pipeline reports its loss only. Received: compiled metrics; accepted: none "
+                "(evaluate them with the model's layers).")
+        super().compile(*args, **{**kwargs, "jit_compile": False})
         self.adapter.prepare_optimizer(self)
 
     def train_step(self, data):
+        if len(data) > 2 and data[2] is not None:
+            raise ValueError("a pipeline does not take sample weights. Received: sample_weight; "
+                             "accepted: (x, y) batches.")
         x, y = data[0], data[1]
         self.running_loss.update_state(self.train_step_fn(self, x, y))
         return {"loss": self.running_loss.result()}

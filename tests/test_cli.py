@@ -78,6 +78,9 @@ class TrainCliTest(TestCase):
         self.assertEqual(sample.returncode, 0, sample.stderr[-3000:])
         self.assertTrue(sample.stdout.startswith("The "))
         self.assertGreater(len(sample.stdout.rstrip("\n")), len("The "))
+        nan = run_cli("tfpar.generate", f"--model_dir={model_dir}", "--temperature=nan", timeout=120)
+        self.assertEqual(nan.returncode, 2)
+        self.assertRegex(nan.stderr.strip(), r"^tfpar: error: bad sampling options\. Received: temperature=nan")
 
     def test_a_text_dataset_is_kept_by_its_absolute_path(self):
         from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel

@@ -242,6 +242,28 @@ class UserModelPipelineTest(TestCase):
         self.assertEqual(used, {"0", "1"})
 
 
+    def test_what_the_pipeline_step_cannot_do_is_refused(self):
+        def adapter(**options):
+            return strategies.get("pipeline", num_stages=2, num_microbatches=2, num_devices=2, **options)
+
+        def sequential(*middle):
+            return keras.Sequential([keras.Input((6,)), *middle, keras.layers.Dense(1, name="out")])
+
+        with self.assertRaisesRegex(ValueError, r"remat .* Received: drop; accepted: remat=False"):
+            adapter(remat=True).pipeline(sequential(keras.layers.Dense(8), keras.layers.Dropout(0.1, name="drop")))
+        with self.assertRaisesRegex(ValueError, r"regularizer .* Received: layers with losses: l2;"):
+            adapter().pipeline(sequential(keras.layers.Dense(8, kernel_regularizer="l2", name="l2")))
+        model = adapter().pipeline(sequential(keras.layers.Dense(8)))
+        for options, text in [(dict(jit_compile=True), "XLA"), (dict(metrics=["mae"]), "metrics")]:
+            with self.assertRaisesRegex(ValueError, text):
+                model.compile(optimizer="sgd", loss="mse", **options)
+        model.compile(optimizer="sgd", loss="mse")  # Keras's "auto" would pick XLA on a GPU
+        self.assertFalse(model.jit_compile)
+        x, y = np.ones((8, 6), "float32"), np.ones((8, 1), "float32")
+        with self.assertRaisesRegex(ValueError, "sample weights"):
+            model.fit(x, y, sample_weight=np.ones(8, "float32"), batch_size=8, verbose=0)
+
+
 class PipelinePlacementTest(TestCase):
 
     def test_stage_variables_and_ops_on_stage_devices(self):
@@ -284,7 +306,7 @@ class PipelineValidationTest(TestCase):
 
     @parameterized.named_parameters(
         ("microbatches_not_dividing_batch", dict(stages=2, microbatches=3), "num_microbatches"),
-        ("more_stages_than_devices", dict(stages=8, microbatches=1), "more devices|must not exceed"),
+        ("more_stages_than_devices", dict(stages=8, microbatches=1), "more devices|must not exceed the devices"),
         ("more_stages_than_stack", dict(stages=4, microbatches=1, num_layers=1), "stack entries"),
         ("boundaries_not_increasing", dict(stages=3, microbatches=1, parallel=dict(stage_boundaries=(3, 2))),
          "stage_boundaries"),

@@ -4,6 +4,7 @@
 """
 
 import json
+import math
 import os
 
 from absl import app
@@ -46,10 +47,11 @@ def main(argv):
     if problem:
         train_cli.fail(problem)
     vocab = config_lib.VOCAB_SIZES["gpt"]
-    if FLAGS.temperature < 0 or FLAGS.max_new_tokens <= 0 or not 0 <= FLAGS.top_k <= vocab:
+    if (not 0 <= FLAGS.temperature < math.inf or FLAGS.max_new_tokens <= 0
+            or not 0 <= FLAGS.top_k <= vocab):
         train_cli.fail(f"bad sampling options. Received: temperature={FLAGS.temperature}, "
                        f"top_k={FLAGS.top_k}, max_new_tokens={FLAGS.max_new_tokens}; accepted: "
-                       f"temperature >= 0, 0 <= top_k <= {vocab} (the vocabulary), max_new_tokens > 0.")
+                       f"a finite temperature >= 0, 0 <= top_k <= {vocab} (the vocabulary), max_new_tokens > 0.")
     try:
         config_lib.valid_seed("seed", FLAGS.seed)
     except ValueError as e:

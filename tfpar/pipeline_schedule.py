@@ -8,6 +8,7 @@ order they must run; `build_order` merges them into one order in which every
 event comes after what it needs (F of the stage before, B of the stage after).
 """
 
+import numbers
 from typing import Dict, List, Sequence, Tuple
 
 Event = Tuple[str, int]
@@ -26,6 +27,10 @@ def check_boundaries(boundaries: Sequence[int], num_stages: int, num_layers: int
     Raises:
       ValueError: unless there are K-1 strictly increasing indices in [1, num_layers).
     """
+    if not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in boundaries):
+        raise ValueError(
+            f"stage boundaries must be integers (stack indices). Received: "
+            f"{', '.join(map(repr, boundaries))}; accepted: {num_stages - 1} increasing integers.")
     boundaries = tuple(int(b) for b in boundaries)
     if len(boundaries) != num_stages - 1:
         raise ValueError(
