@@ -74,6 +74,7 @@ CASES = [
     ("launch_other_strategy", "tfpar.launch", ["--", "--strategy", "mirrored"], None, ["strategy", "multi_worker"]),
     ("launch_bad_train_flag", "tfpar.launch", ["--", "--model_size=huge"], None, ["model_size", "tiny"]),
     ("generate_without_model", "tfpar.generate", ["--model_dir=/no/such/run"], None, ["model_dir", "no trained model"]),
+    ("generate_training_flag", "tfpar.generate", ["--model_dir=/no/such/run", "--model_size=small"], None, ["--model_size", "no training flags"]),
 ]
 PROGRAMS = {"tfpar.train": "tfpar-train", "tfpar.launch": "tfpar-launch", "tfpar.bench": "tfpar-bench",
             "tfpar.generate": "tfpar-generate"}

@@ -42,6 +42,11 @@ def _model_dir_error(model_dir) -> str:
 
 def main(argv):
     train_cli.refuse_positional(argv)
+    training_flags = [f"--{flag.name}" for flag in FLAGS.flags_by_module_dict().get(train_cli.__name__, [])
+                      if flag.present and flag.name not in ("model_dir", "seed")]
+    if training_flags:  # the model comes from --model_dir/config.json; they would do nothing
+        train_cli.fail(f"tfpar-generate takes no training flags. Received: {', '.join(training_flags)}; "
+                       "accepted: --model_dir, --seed, --prompt, --max_new_tokens, --temperature, --top_k.")
     model_dir = train_cli.expand_path(FLAGS.model_dir)
     problem = _model_dir_error(model_dir)
     if problem:
