@@ -52,6 +52,15 @@ class MeshSpecTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "gpt/head/lm_head/kernel.*not divisible"):
             layouts.LayoutRules().spec_for("gpt/head/lm_head/kernel", (64, 250), layouts.parse_mesh("model:4"))
 
+    def test_malformed_rules_are_one_line_errors(self):
+        with self.assertRaisesRegex(ValueError, "splits two dimensions over one mesh axis"):
+            layouts.LayoutRules(((r"kernel$", ("model", "model")),))
+        path = os.path.join(absltest.get_default_test_tmpdir(), "latin1_rules.json")
+        with open(path, "wb") as f:
+            f.write(b'[["caf\xe9", [null]]]')  # not UTF-8
+        with self.assertRaisesRegex(ValueError, "--layout_rules: cannot read the rules"):
+            layouts.LayoutRules.from_json(path)
+
     def test_rules_from_json(self):
         path = os.path.join(absltest.get_default_test_tmpdir(), "rules.json")
         with open(path, "w") as f:

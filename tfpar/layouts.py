@@ -119,6 +119,11 @@ class LayoutRules:
                     raise ValueError(
                         f"layout rule {pattern!r} names an unknown mesh axis. Received: "
                         f"spec={list(spec)}; accepted: {', '.join(MESH_AXES)} or null.")
+            axes = [axis for axis in spec if axis is not None]
+            if len(set(axes)) < len(axes):
+                raise ValueError(
+                    f"layout rule {pattern!r} splits two dimensions over one mesh axis. Received: "
+                    f"spec={list(spec)}; accepted: each mesh axis at most once per spec.")
 
     @classmethod
     def from_json(cls, path: str) -> "LayoutRules":
@@ -130,7 +135,7 @@ class LayoutRules:
         try:
             with open(path) as f:
                 table = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
             raise ValueError(f"--layout_rules: cannot read the rules. Received: "
                              f"layout_rules={path!r} ({e}); accepted: a JSON file holding "
                              "[[regex, [axis or null, ...]], ...].") from None
