@@ -133,7 +133,7 @@ class LayoutRules:
           ValueError: for a missing file or a malformed table.
         """
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:  # JSON is UTF-8
                 table = json.load(f)
         except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
             raise ValueError(f"--layout_rules: cannot read the rules. Received: "
