@@ -136,16 +136,16 @@ class PipelineAdapter(base.StrategyAdapter):
             raise ValueError(
                 "pipeline() needs a built model (its variables decide the stage cut). Received: "
                 f"an unbuilt {type(model).__name__}; accepted: a model after build() or a first call.")
-        refusals = [  # (applies, layers it refuses, why, what is accepted)
-            (self.remat, lambda layer: layer.non_trainable_variables,
-             "with remat recomputes each stage's forward pass, so layers with random or "
-             "non-trainable state (Dropout, BatchNormalization) would differ from it",
-             "remat=False, or layers without such state"),
-            (True, lambda layer: layer.losses,
-             "takes each stage's gradient from the loss alone, so regularizer losses of earlier "
-             "stages would be missed", "layers without regularizers (AdamW's weight decay instead)")]
-        for applies, refused, why, accepted in refusals:
-            names = [layer.name for layer in model.layers if applies and refused(layer)]
+        stateful = [layer.name for layer in model.layers if layer.non_trainable_variables]
+        regularized = [layer.name for layer in model.layers if layer.losses]
+        for names, why, accepted in [
+                (stateful if self.remat else [],
+                 "with remat recomputes each stage's forward pass, so layers with random or "
+                 "non-trainable state (Dropout, BatchNormalization) would differ from it",
+                 "remat=False, or layers without such state"),
+                (regularized, "takes each stage's gradient from the loss alone, so regularizer "
+                 "losses of earlier stages would be missed",
+                 "layers without regularizers (AdamW's weight decay instead)")]:
             if names:
                 raise ValueError(f"pipeline() {why}. Received: {', '.join(names)}; accepted: {accepted}.")
         return self._cut(PipelinedLayers(model.layers, self), grad_accum_steps)
