@@ -26,7 +26,7 @@ import tensorflow as tf
 from tfpar import config as config_lib
 from tfpar import devices as devices_lib
 from tfpar import pipeline_schedule as schedule_lib
-from tfpar.pipeline_step import PipelineStep
+from tfpar.pipeline_step import PipelineStep, batch_reduction
 from tfpar.strategies import base
 
 
@@ -295,6 +295,7 @@ class PipelinedLayers(keras.Model):
                 "a pipeline reports its loss only. Received: compiled metrics; accepted: none "
                 "(evaluate them with the model's layers).")
         super().compile(*args, **{**kwargs, "jit_compile": False})
+        batch_reduction(self.loss)  # one-line error now rather than at the first step
         self.adapter.prepare_optimizer(self)
 
     def train_step(self, data):
@@ -302,5 +303,7 @@ class PipelinedLayers(keras.Model):
             raise ValueError("a pipeline does not take sample weights. Received: sample_weight; "
                              "accepted: (x, y) batches.")
         x, y = data[0], data[1]
-        self.running_loss.update_state(self.train_step_fn(self, x, y))
+        # Weighted by the batch's size, as Keras's loss tracker (a last batch may be partial).
+        self.running_loss.update_state(self.train_step_fn(self, x, y),
+                                       sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
         return {"loss": self.running_loss.result()}

@@ -20,11 +20,41 @@ from tfpar import training
 
 # The name scope of a pipeline event's ops (TF appends _N to repeated scopes).
 _EVENT_SCOPE = r"pipeline/(stage_\d+_replica_\d+)(?:_\d+)?/"
+# Keras's reductions that average over the batch (without sample weights).
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 def _float_leaves(state) -> List[tf.Tensor]:
     """The differentiable tensors of a state (a tensor, tuple or dict)."""
     return [t for t in tf.nest.flatten(state) if t.dtype.is_floating]
+
+
+def microbatch_loss_weights(loss, batch: tf.Tensor, parts: int) -> list:
+    """w_i such that the batch's loss is the sum of w_i x micro-batch i's loss.
+
+    n_i / n for losses that average over the batch (Keras's default
+    "sum_over_batch_size"), 1 for reduction="sum"; `loss` is the compiled loss
+    (a string, function, Loss, or a list or dict of them).
+    """
+    if batch_reduction(loss) == "sum":
+        return [1.0] * parts
+    sizes = training.microbatch_sizes(batch, parts)
+    if isinstance(sizes, list):
+        return [size / sum(sizes) for size in sizes]
+    return tf.unstack(tf.cast(sizes, tf.float32) / tf.cast(tf.reduce_sum(sizes), tf.float32))
+
+
+def batch_reduction(loss) -> str:
+    """"mean" or "sum": how the compiled loss reduces over the batch."""
+    reductions = {getattr(fn, "reduction", "sum_over_batch_size") for fn in keras.tree.flatten(loss)}
+    if reductions <= set(_MEAN_REDUCTIONS):
+        return "mean"
+    if reductions == {"sum"}:
+        return "sum"
+    raise ValueError(
+        f"a pipeline weights each micro-batch's loss by the loss's reduction over the batch. "
+        f"Received: reduction={', '.join(sorted(map(str, reductions)))}; accepted: one of "
+        f"{', '.join(_MEAN_REDUCTIONS)}, or sum, for every output.")
 
 
 class PipelineStep:
@@ -61,7 +91,9 @@ class PipelineStep:
         # Micro-batch ids are (replica, index) pairs; every replica reads the one
         # copy of the variables (on replica 0's stage devices), and the gradients
         # of all replicas are summed there before one update.
-        xs, ys = training.split_microbatches(x, r * m * a), training.split_microbatches(y, r * m * a)
+        parts = r * m * a
+        xs, ys = training.split_microbatches(x, parts, True), training.split_microbatches(y, parts, True)
+        weights = microbatch_loss_weights(model.loss, tf.nest.flatten(x)[0], parts)
         stage_vars = [[v for layer in stage for v in layer.trainable_variables] for stage in self.stages]
         inputs: Dict = {}    # (s, mb) -> the stage's input state
         tapes: Dict = {}     # (s, mb) -> (tape, flat float outputs or loss)
@@ -80,7 +112,7 @@ class PipelineStep:
                             tf.control_dependencies(last.get((replica, s), [])):
                         if kind == "F":
                             last[(replica, s)] = self._forward_event(
-                                model, s, mb_id, xs, ys, scale, inputs, tapes, outputs, losses)
+                                model, s, mb_id, xs, ys, weights[mb_id], scale, inputs, tapes, outputs, losses)
                         else:
                             last[(replica, s)] = self._backward_event(
                                 s, mb_id, stage_vars, inputs, tapes, in_grads, grads[replica])
@@ -92,11 +124,11 @@ class PipelineStep:
                     flat_grads[id(v)] = g
         variables = model.trainable_variables
         model.optimizer.apply_gradients([(flat_grads[id(v)], v) for v in variables])
-        loss = tf.add_n(losses) / (r * m * a)
-        return loss * training.num_replicas()
+        return tf.add_n(losses) * training.num_replicas()
 
-    def _forward_event(self, model, s, mb, xs, ys, scale, inputs, tapes, outputs, losses):
-        k, m = len(self.stages), self.replicas * self.num_microbatches * self.grad_accum_steps
+    def _forward_event(self, model, s, mb, xs, ys, weight, scale, inputs, tapes, outputs, losses):
+        """`weight`: the micro-batch's share of the batch's loss (`microbatch_loss_weights`)."""
+        k = len(self.stages)
         state = xs[mb] if s == 0 else outputs.pop((s - 1, mb))
         inputs[(s, mb)] = state
         if self.remat and s < k - 1:
@@ -108,8 +140,8 @@ class PipelineStep:
             out = self._forward(s, state)
             if s == k - 1:
                 loss = tf.cast(model.compute_loss(x=xs[mb], y=ys[mb], y_pred=out, training=True), tf.float32)
-                losses.append(loss)
-                target = [loss / m * scale]
+                losses.append(loss * weight)
+                target = [loss * weight * scale]
             else:
                 target = _float_leaves(out)
         tapes[(s, mb)] = (tape, target)

@@ -32,12 +32,29 @@ def num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def split_microbatches(tree: Any, k: int) -> List[Any]:
-    """Splits every tensor of `tree` into k equal parts along the batch axis."""
+def split_microbatches(tree: Any, k: int, uneven: bool = False) -> List[Any]:
+    """Splits every tensor of `tree` into k parts along the batch axis.
+
+    The parts are equal; with `uneven`, a batch that k does not divide (a last
+    partial batch) gives parts whose sizes differ by one (see `microbatch_sizes`).
+    """
     if k == 1:
         return [tree]
-    return [tf.nest.map_structure(lambda t, i=i: tf.split(t, k, axis=0)[i], tree)
-            for i in range(k)]
+    flat = tf.nest.flatten(tree)
+    sizes = microbatch_sizes(flat[0], k) if uneven else k
+    parts = [tf.split(t, sizes, axis=0) for t in flat]
+    return [tf.nest.pack_sequence_as(tree, [p[i] for p in parts]) for i in range(k)]
+
+
+def microbatch_sizes(batch: tf.Tensor, k: int):
+    """The sizes of k near-equal parts of `batch`: the first `len % k` are one
+    larger, and some are empty when the batch is smaller than k. Python ints
+    when the batch size is static, else an int32 tensor."""
+    n = batch.shape[0]
+    if n is None:
+        n = tf.shape(batch)[0]
+        return n // k + tf.cast(tf.range(k) < n % k, n.dtype)
+    return [n // k + (i < n % k) for i in range(k)]
 
 
 def loss_scale(optimizer) -> tf.Tensor:
