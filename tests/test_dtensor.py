@@ -4,7 +4,7 @@ import json
 import os
 
 
-from tests.testbase import TestCase, absltest, np, parameterized, tiny_run
+from tests.testbase import TestCase, absltest, np, parameterized, tiny_run, weights_of
 from tfpar import driver
 from tfpar import layouts
 from tfpar import strategies
@@ -81,26 +81,32 @@ class DTensorEquivalenceTest(DTensorTestCase):
         ("batch2_model2_sgd", "batch:2,model:2", ("sgd", 0.3)),
         ("batch2_model2_adamw", "batch:2,model:2", ("adamw", 2e-3)),
         ("batch2_model2_adamw_accumulated", "batch:2,model:2", ("adamw", 2e-3), 2),
+        ("model4_sgd", "model:4", ("sgd", 0.3)),
         ("model4_adamw", "model:4", ("adamw", 2e-3)),
         ("batch4_adamw", "batch:4", ("adamw", 2e-3)))
     def test_dtensor_equals_default(self, mesh, optimizer, grad_accum_steps=1):
         name, learning_rate = optimizer
         kwargs = dict(steps=10, optimizer=name, learning_rate=learning_rate)
-        if name not in self._reference:  # the default strategy's losses, once per optimizer
-            self._reference[name] = self.train(tiny_run("default", **kwargs)).metrics["step_losses"]
+        if name not in self._reference:  # the default strategy's losses and weights, once per optimizer
+            reference = self.train(tiny_run("default", **kwargs))
+            self._reference[name] = (reference.metrics["step_losses"], weights_of(reference.model))
             reset_dtensor()
         result = self.train(tiny_run("dtensor", devices_count=4, parallel=dict(mesh=mesh),
                                      grad_accum_steps=grad_accum_steps, **kwargs))
         self.assertEqual(result.metrics["mesh"], layouts.parse_mesh(mesh).__str__())
-        self.assertLossesClose(self._reference[name], result.metrics["step_losses"])
+        losses, weights = self._reference[name]
+        self.assertLossesClose(losses, result.metrics["step_losses"])
+        self.assertSameWeights(weights, result.model, atol=1e-5 if name == "adamw" else 1e-6)
 
     def test_seq2seq_equals_default(self):
         kwargs = dict(model="seq2seq", steps=10)
         reference = self.train(tiny_run("default", **kwargs))
+        expected = weights_of(reference.model)  # before the context is reset
         reset_dtensor()
         result = self.train(tiny_run("dtensor", devices_count=4, parallel=dict(mesh="batch:2,model:2"),
                                      **kwargs))
         self.assertLossesClose(reference.metrics["step_losses"], result.metrics["step_losses"])
+        self.assertSameWeights(expected, result.model, atol=1e-5)  # AdamW
 
 
 class DTensorPrecisionTest(DTensorTestCase):
@@ -111,6 +117,22 @@ class DTensorPrecisionTest(DTensorTestCase):
         self.assertTrainedInMixedBfloat16(result)
 
 
+# Megatron-LM's tensor-parallel layout of a GPT block, written out independently of
+# layouts.DEFAULT_RULES: Q/K/V and fc_in column-parallel, attention output and fc_out
+# row-parallel, vocabulary-parallel embedding and head, norms replicated.
+_COLUMN, _ROW, _SPLIT, _WHOLE = ["unsharded", "model"], ["model", "unsharded"], ["model"], ["unsharded"]
+MEGATRON_LAYOUT = {
+    **{f"attention/{p}/kernel": _COLUMN for p in ("query", "key", "value")},
+    **{f"attention/{p}/bias": _SPLIT for p in ("query", "key", "value")},
+    "attention/output/kernel": _ROW, "attention/output/bias": _WHOLE,
+    "mlp/fc_in/kernel": _COLUMN, "mlp/fc_in/bias": _SPLIT,
+    "mlp/fc_out/kernel": _ROW, "mlp/fc_out/bias": _WHOLE,
+    "token_embedding/embeddings": _ROW, "position_embedding/embeddings": ["unsharded", "unsharded"],
+    "lm_head/kernel": _COLUMN, "lm_head/bias": _SPLIT,
+    "/gamma": _WHOLE, "/beta": _WHOLE,
+}
+
+
 class DTensorLayoutTest(DTensorTestCase):
 
     def test_every_variable_and_slot_has_its_rule_layout(self):
@@ -118,17 +140,15 @@ class DTensorLayoutTest(DTensorTestCase):
                                           parallel=dict(mesh="batch:2,model:2")))
         adapter = strategies.from_config(run.parallel)
         result = driver.train(run, adapter)
-        model, mesh = result.model, adapter.mesh_spec
+        model = result.model
         actual = adapter.variable_layouts(model)
-        rules = layouts.LayoutRules()
         expected = {}
         for variable in model.trainable_variables:
-            spec = ["unsharded" if a is None else a for a in rules.spec_for(variable.path, variable.shape, mesh)]
-            expected[variable.path] = spec
+            suffixes = [s for s in MEGATRON_LAYOUT if variable.path.endswith(s)]
+            self.assertLen(suffixes, 1, variable.path)
+            expected[variable.path] = spec = MEGATRON_LAYOUT[suffixes[0]]
             for slot in ("momentum", "velocity"):
                 expected[f"adam_w/{variable.path.replace('/', '_')}_{slot}"] = spec
-        self.assertIn(["unsharded", "model"], expected.values())
-        self.assertIn(["model", "unsharded"], expected.values())
         for path, spec in expected.items():
             self.assertIn(path, actual)
             self.assertEqual(actual[path], spec, path)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from unittest import mock
 
-from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, parameterized, tf, tiny_run
+from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, parameterized, tf, tiny_run, weights_of
 from tfpar import cluster
 from tfpar import config as config_lib
 from tfpar import strategies
@@ -22,15 +22,22 @@ class MirroredEquivalenceTest(TestCase):
         self.assertEqual(mirrored.metrics["num_replicas"], 4)
         self.assertLess(reference.metrics["step_losses"][-1], reference.metrics["step_losses"][0])
         self.assertLossesClose(reference.metrics["step_losses"], mirrored.metrics["step_losses"])
+        self.assertSameWeights(weights_of(reference.model), mirrored.model,
+                               atol=1e-5 if optimizer == "adamw" else 1e-6)
 
     def test_jit_compile_under_mirrored_and_default_equals_default(self):
-        reference = self.train(tiny_run("default"))
-        jitted = self.train(tiny_run("mirrored", devices_count=2, jit_compile=True))
+        # SGD under mirrored (XLA computes the gradients: a scaled gradient shows in the weights)...
+        reference = self.train(tiny_run("default", optimizer="sgd", learning_rate=0.3))
+        jitted = self.train(tiny_run("mirrored", devices_count=2, jit_compile=True, optimizer="sgd",
+                                     learning_rate=0.3))
         self.assertLossesClose(reference.metrics["step_losses"], jitted.metrics["step_losses"])
+        self.assertSameWeights(weights_of(reference.model), jitted.model)
         self.assertCompiledWithXla(jitted.model, ("gradients",))
-        # Without a strategy XLA compiles the optimizer update too.
+        # ... and AdamW without a strategy, where XLA compiles the optimizer update too.
+        reference = self.train(tiny_run("default"))
         jitted_default = self.train(tiny_run("default", jit_compile=True, grad_accum_steps=2))
         self.assertLossesClose(reference.metrics["step_losses"], jitted_default.metrics["step_losses"])
+        self.assertSameWeights(weights_of(reference.model), jitted_default.model, atol=1e-5)
         self.assertCompiledWithXla(jitted_default.model, ("whole step",))
 
     def assertCompiledWithXla(self, model, kinds):

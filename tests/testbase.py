@@ -9,7 +9,7 @@ own DTensor tests do.
 import os
 import subprocess
 import sys
-from typing import List
+from typing import Dict, List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -44,7 +44,9 @@ def tiny_run(strategy: str = "default", *, model: str = "gpt", steps: int = 5,
                                  data_dir=data_dir)
     parallel_cfg = config_lib.ParallelConfig(strategy=strategy, num_virtual_devices=devices_count,
                                              **(parallel or {}))
-    defaults = dict(steps_per_epoch=steps, epochs=1, verbose=0, warmup_steps=2)
+    # No warmup: from step 0 every update moves the weights, so every loss after the first
+    # depends on the gradients (a warmup from 0 makes the first two losses equal under any bug).
+    defaults = dict(steps_per_epoch=steps, epochs=1, verbose=0, warmup_steps=0)
     defaults.update(changes)
     return config_lib.RunConfig(model=model_cfg, data=data, parallel=parallel_cfg, **defaults)
 
@@ -81,6 +83,29 @@ class TestCase(parameterized.TestCase):
         self.assertLen(actual, len(expected))
         np.testing.assert_allclose(actual, expected, rtol=rtol)
 
+    def assertSameWeights(self, expected: Dict[str, np.ndarray], model, rtol: float = 1e-4,
+                          atol: float = 1e-6):
+        """The model's trainable variables equal `expected` (path -> value; see `weights_of`).
+
+        Weights see what losses may not: under SGD a gradient scaled by a constant,
+        under Adam (nearly scale-free) wrong gradients of rarely seen rows. Adam turns
+        the rounding noise of near-zero gradients into updates of up to a few 1e-6
+        (summation order differs between strategies); AdamW runs pass atol=1e-5.
+        """
+        actual = weights_of(model)
+        self.assertEqual(sorted(actual), sorted(expected))
+        for path, value in actual.items():
+            if path.endswith("attention/key/bias"):
+                # Softmax ignores a shift shared by all keys: this bias's true gradient
+                # is 0, so it holds only rounding noise, which Adam scales up.
+                continue
+            np.testing.assert_allclose(value, expected[path], rtol=rtol, atol=atol, err_msg=path)
+
+
+def weights_of(model) -> Dict[str, np.ndarray]:
+    """A model's trainable variables by path, as host arrays."""
+    return {v.path: np.array(v.numpy()) for v in model.trainable_variables}
+
 
 def run_cli(module: str, *args: str, timeout: float = 300, env: dict = None) -> subprocess.CompletedProcess:
     """Runs `python -m module args` and returns the completed process."""
@@ -89,5 +114,5 @@ def run_cli(module: str, *args: str, timeout: float = 300, env: dict = None) -> 
                           timeout=timeout, env=full_env, cwd=REPO_ROOT)
 
 
-__all__ = ["absltest", "parameterized", "tf", "np", "keras", "TestCase", "tiny_run", "run_cli",
+__all__ = ["absltest", "parameterized", "tf", "np", "keras", "TestCase", "tiny_run", "run_cli", "weights_of",
            "reset_devices", "NUM_DEVICES"]
