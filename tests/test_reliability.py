@@ -96,11 +96,13 @@ class ResumeTest(TestCase):
         self.train(tiny_run(model_dir=work, steps=2))
         with open(f"{work}/config.json") as f:
             saved = f.read()
-        for changes in (dict(global_batch_size=16), dict(seed=1)):
+        for changes in (dict(global_batch_size=16), dict(seed=1), dict(optimizer="sgd"),
+                        dict(weight_decay=0.0), dict(learning_rate=1e-2)):
             run = tiny_run(model_dir=work, steps=4, **changes)
             if "seed" in changes:  # --seed sets both seeds, as tfpar-train does
                 run = run.replace(data=dataclasses.replace(run.data, seed=1))
-            with self.assertRaisesRegex(ValueError, "read other data.*accepted: .*a new --model_dir"):
+            with self.assertRaisesRegex(ValueError, "read other data or trained with other settings.*"
+                                                    "accepted: .*a new --model_dir"):
                 self.train(run)
             with open(f"{work}/config.json") as f:
                 self.assertEqual(f.read(), saved, changes)
@@ -108,6 +110,15 @@ class ResumeTest(TestCase):
             self.train(tiny_run(model_dir=work, steps=4, model="seq2seq"))
         with open(f"{work}/config.json") as f:
             self.assertEqual(f.read(), saved)
+
+    def test_a_truncated_backup_is_a_one_line_error(self):
+        work = self.create_tempdir().full_path
+        self.train(tiny_run(model_dir=work, steps=2))
+        with open(f"{work}/backup/ckpt-2.data-00000-of-00001", "r+b") as f:
+            f.truncate(100)
+        with self.assertRaisesRegex(ValueError, r"^--model_dir's backup cannot be read \(damaged or "
+                                                r"incomplete\)\. Received: backup=.*ckpt-2 "):
+            self.train(tiny_run(model_dir=work, steps=4))
 
     def test_torn_checkpoint_write_keeps_the_last_good_one(self):
         work = self.create_tempdir().full_path
@@ -199,6 +210,23 @@ class NonFiniteLossTest(TestCase):
             if np.issubdtype(np.asarray(value).dtype, np.floating):
                 self.assertTrue(np.all(np.isfinite(value)), name)
         self.assertFalse(os.path.exists(f"{work}/checkpoints"))  # no epoch ended with finite weights
+
+    def test_non_finite_weights_after_the_last_update_are_not_kept(self):
+        """The last step's update is seen by no loss: its backup and epoch weights are checked."""
+        work = self.create_tempdir().full_path
+        run = tiny_run(steps=4, model_dir=work, backup_every_steps=2)
+
+        def poison(batch, logs):
+            if batch == 3:  # as if the last update overflowed
+                kernel = poisoner.model.trainable_variables[0]
+                kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+        poisoner = keras.callbacks.LambdaCallback(on_train_batch_end=poison)
+        with self.assertRaisesRegex(FloatingPointError, r"^weights became non-finite at step 3 "):
+            self.train(run, extra_callbacks=[poisoner])
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        self.assertEqual(tf.train.latest_checkpoint(f"{work}/backup"), f"{work}/backup/ckpt-2")
+        self.assertFalse(os.path.exists(f"{work}/checkpoints"))
+        self.assertFalse(os.path.exists(f"{work}/final.weights.h5"))
 
     def test_cli_reports_the_step_in_one_line(self):
         result = run_cli("tfpar.train", "--strategy=default", "--model_size=tiny", "--optimizer=sgd",

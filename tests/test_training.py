@@ -76,6 +76,18 @@ class OptimizerTest(TestCase):
             rates.append(float(optimizer.learning_rate))
         np.testing.assert_allclose(rates, [0.0, 5e-4, 1e-3, 1e-4 + 9e-4 * 0.5, 1e-4], rtol=1e-5, atol=1e-9)
 
+    def test_default_warmup_fits_a_short_run_and_a_given_one_is_kept(self):
+        def rates(warmup_steps):  # at steps 1..10 of a 10-step run
+            optimizer, values = self.build(warmup_steps=warmup_steps).optimizer, []
+            for step in range(1, 11):
+                optimizer.iterations.assign(step)
+                values.append(float(optimizer.learning_rate))
+            return values
+        default = rates(None)  # 20 steps by default: shortened to 9 so that the run reaches the peak
+        self.assertAlmostEqual(default[8], 1e-3)
+        self.assertAlmostEqual(default[3], 4e-3 / 9)
+        np.testing.assert_allclose(rates(100), np.arange(1, 11) * 1e-5, rtol=1e-5)  # as given
+
 
 class GradientReduceDtypeTest(TestCase):
     """--grad_reduce_dtype=bfloat16 hands the all-reduce bfloat16 gradients (one local worker;

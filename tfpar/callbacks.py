@@ -7,6 +7,8 @@ from typing import List, Optional
 import keras
 import psutil
 
+from tfpar import checkpointing
+
 
 class StepRecorder(keras.callbacks.Callback):
     """Records each optimizer step's loss and time; stops at a non-finite loss.
@@ -60,7 +62,8 @@ class StepRecorder(keras.callbacks.Callback):
 
 
 class FiniteEpochWeights(keras.callbacks.ModelCheckpoint):
-    """Keras's ModelCheckpoint (weights each epoch), except after a non-finite loss.
+    """Keras's ModelCheckpoint (weights each epoch), except after a non-finite loss
+    or of non-finite weights (the epoch's last update, which no loss has seen).
 
     Keras still ends the epoch, and calls `on_epoch_end`, after `stop_training`.
     """
@@ -70,7 +73,7 @@ class FiniteEpochWeights(keras.callbacks.ModelCheckpoint):
         self.recorder = recorder
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.recorder.non_finite_step is None:
+        if self.recorder.non_finite_step is None and checkpointing.weights_are_finite(self.model):
             super().on_epoch_end(epoch, logs)
 
 

@@ -62,6 +62,11 @@ class StepBackup(keras.callbacks.Callback):
                 f"--model_dir holds a backup of another run that does not match this model. "
                 f"Received: backup={latest}; accepted: the same flags as the run that wrote it, "
                 f"or a new --model_dir. ({str(e).splitlines()[0]})") from None
+        except (IndexError, OSError) as e:  # a truncated data file: "Read less bytes than requested"
+            raise ValueError(
+                f"--model_dir's backup cannot be read (damaged or incomplete). Received: backup="
+                f"{latest} ({str(e).splitlines()[0]}); accepted: a whole backup (delete its files "
+                f"and {self.restore_from}/checkpoint names the one before), or a new --model_dir.") from None
         return self.step
 
     def latest_step(self) -> int:
@@ -98,9 +103,13 @@ class StepBackup(keras.callbacks.Callback):
             self.unverified = self.manager.save(checkpoint_number=self.step)
 
     def on_train_end(self, logs=None):
-        if self.healthy and self.manager.latest_checkpoint != self._path_for(self.step):
-            if all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.checkpoint.model.trainable_variables):
-                self.manager.save(checkpoint_number=self.step)
+        if not self.healthy:
+            return
+        if not weights_are_finite(self.checkpoint.model):  # the last update: no loss has seen it
+            self.healthy = False
+            self._drop_unverified()
+        elif self.manager.latest_checkpoint != self._path_for(self.step):
+            self.manager.save(checkpoint_number=self.step)
 
     def _drop_unverified(self) -> None:
         """Forgets the latest backup when the first loss computed from its weights is non-finite."""
@@ -118,3 +127,8 @@ class StepBackup(keras.callbacks.Callback):
 
     def _path_for(self, step: int) -> Optional[str]:
         return os.path.join(self.manager.directory, f"ckpt-{step}")
+
+
+def weights_are_finite(model: keras.Model) -> bool:
+    """True if no trainable variable holds a NaN or Inf."""
+    return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.trainable_variables)

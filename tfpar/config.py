@@ -38,6 +38,7 @@ CROSS_DEVICE_OPS = ("auto", "hierarchical_copy", "reduction_to_one_device", "ncc
 COMMUNICATIONS = ("auto", "ring", "nccl")
 GRAD_REDUCE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("gpipe", "1f1b")
+DEFAULT_WARMUP_STEPS = 20
 
 # size -> (d_model, num_layers, num_heads, mlp_dim, default seq_len)
 MODEL_SIZES = {
@@ -277,7 +278,7 @@ class RunConfig:
     parallel: ParallelConfig = ParallelConfig()
     optimizer: str = "adamw"
     learning_rate: float = 2e-3
-    warmup_steps: int = 20
+    warmup_steps: Optional[int] = None  # None: DEFAULT_WARMUP_STEPS, at most the run's steps - 1
     weight_decay: float = 0.1
     steps_per_epoch: int = 50
     epochs: int = 4
@@ -301,7 +302,8 @@ class RunConfig:
         positive("steps_per_epoch", self.steps_per_epoch)
         positive("epochs", self.epochs)
         positive("grad_accum_steps", self.grad_accum_steps)
-        positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.warmup_steps is not None:
+            positive("warmup_steps", self.warmup_steps, allow_zero=True)
         positive("backup_every_steps", self.backup_every_steps, allow_zero=True)
         valid_seed("seed", self.seed)
         if self.data.seq_len != self.model.seq_len:

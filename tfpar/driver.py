@@ -117,7 +117,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             with adapter.scope():  # the optimizer may build its slots here
                 start_step = backup.restore()
             if start_step and adapter.is_chief:  # the chief's check stops every worker
-                _check_same_data(run)
+                _check_same_run(run)
             # Written once the resume is accepted (a refused rerun leaves the model_dir as it
             # was), atomically: other workers may read it.
             write_json(os.path.join(work_dir, "config.json"), dataclasses.asdict(run))
@@ -131,6 +131,10 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             raise FloatingPointError(
                 f"loss became non-finite at step {start_step + recorder.non_finite_step}; "
                 "training stopped and the last good checkpoint was kept.")
+        if not checkpointing.weights_are_finite(model):  # the last update, which no loss has seen
+            raise FloatingPointError(
+                f"weights became non-finite at step {start_step + len(recorder.step_losses) - 1} "
+                "(the last update); the last good checkpoint was kept.")
         if work_dir:
             model.save_weights(os.path.join(work_dir, "final.weights.h5"))
         if run.export_dir and adapter.is_chief:
@@ -152,20 +156,31 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _check_same_data(run: config_lib.RunConfig) -> None:
-    """A resumed run must read the data as the saved run did, or it resumes at the wrong batch."""
+# What a resumed run must share with the run it continues, besides the data: the model
+# (shapes are checked by the restore, the rest is not) and how the optimizer steps.
+_RESUMED_SETTINGS = ("optimizer", "learning_rate", "warmup_steps", "weight_decay", "mixed_precision")
+
+
+def _check_same_run(run: config_lib.RunConfig) -> None:
+    """A resumed run must read the data as the saved run did (or it resumes at the wrong
+    batch), with the same model and optimizer settings (or it does not continue that run).
+    More steps or epochs are allowed: they extend it."""
     path = os.path.join(run.model_dir, "config.json")
     if not os.path.exists(path):  # e.g. a worker on another host than the chief
         return
     with open(path) as f:
-        saved = json.load(f).get("data", {})
-    current = dataclasses.asdict(run.data)
-    changed = [k for k in current if k != "data_dir" and k in saved and saved[k] != current[k]]
+        saved = json.load(f)
+    current = json.loads(json.dumps(dataclasses.asdict(run)))  # tuples as the JSON's lists
+    compared = [(current["data"], saved.get("data", {}), [k for k in current["data"] if k != "data_dir"]),
+                (current["model"], saved.get("model", {}), list(current["model"])),
+                (current, saved, _RESUMED_SETTINGS)]
+    changed = {k: (now[k], before[k]) for now, before, keys in compared for k in keys
+               if k in before and before[k] != now[k]}  # seq_len is in data and model: named once
     if changed:
         raise ValueError(
-            "--model_dir holds a run that read other data, so it cannot resume at the batch where "
-            "that run stopped. Received: " + ", ".join(f"{k}={current[k]!r}" for k in changed) +
-            "; accepted: " + ", ".join(f"{k}={saved[k]!r}" for k in changed) + " as in " + path +
+            "--model_dir holds a run that read other data or trained with other settings, so this "
+            "run cannot resume it. Received: " + ", ".join(f"{k}={v!r}" for k, (v, _) in changed.items()) +
+            "; accepted: " + ", ".join(f"{k}={s!r}" for k, (_, s) in changed.items()) + " as in " + path +
             ", or a new --model_dir.")
 
 

@@ -20,7 +20,7 @@ Keras's own step in three ways that tf.distribute users need:
   different device". Without a strategy the update is compiled too.
 """
 
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -189,9 +189,17 @@ class TrainStep:
 
 
 def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
-                    warmup_steps: int, weight_decay: float) -> keras.optimizers.Optimizer:
-    """AdamW (or SGD) with linear warmup then cosine decay to 10 % of the peak."""
-    warmup = min(warmup_steps, max(total_steps - 1, 0))
+                    warmup_steps: Optional[int], weight_decay: float) -> keras.optimizers.Optimizer:
+    """AdamW (or SGD) with linear warmup then cosine decay to 10 % of the peak.
+
+    `warmup_steps` None: `config.DEFAULT_WARMUP_STEPS`, shortened for a run of fewer
+    steps so that it reaches the peak; a given number is kept even if the run ends
+    before its warmup does.
+    """
+    if warmup_steps is None:
+        warmup = min(config_lib.DEFAULT_WARMUP_STEPS, max(total_steps - 1, 0))
+    else:
+        warmup = warmup_steps
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else learning_rate,
         decay_steps=max(total_steps - warmup, 1), alpha=0.1,
