@@ -182,6 +182,10 @@ class DataConfig:
             writable_path("data_dir", self.data_dir, directory=True)
         choice("dataset", kind if arg or kind == "builtin" else self.dataset,
                ("builtin", "text", "tfds"))
+        if kind == "builtin" and self.dataset != "builtin":
+            raise ValueError(
+                f"--dataset=builtin takes no argument. Received: dataset={self.dataset!r}; "
+                "accepted: builtin, text:PATH or tfds:NAME.")
         if kind == "text" and not os.path.isfile(arg):
             raise ValueError(
                 f"--dataset: text file not found. Received: dataset={self.dataset!r}; "
@@ -299,6 +303,7 @@ class RunConfig:
         choice("optimizer", self.optimizer, OPTIMIZERS)
         choice("mixed_precision", self.mixed_precision, PRECISIONS)
         positive("learning_rate", self.learning_rate)
+        positive("weight_decay", self.weight_decay, allow_zero=True)
         positive("steps_per_epoch", self.steps_per_epoch)
         positive("epochs", self.epochs)
         positive("grad_accum_steps", self.grad_accum_steps)

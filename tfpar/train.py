@@ -180,7 +180,7 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.set_verbosity(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*shuffle=True.*was passed.*")
-    if int(os.environ["TF_CPP_MIN_LOG_LEVEL"] or 0) < 2:
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("", "0", "1"):  # TF reads other values as its own
         return
     with _stderr_to_file():
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -209,6 +209,7 @@ def main(argv):
     from tfpar import devices  # pylint: disable=import-outside-toplevel
     from tfpar import driver  # pylint: disable=import-outside-toplevel
     run = checked_config(argv, devices.accelerator_kind())  # the default device split resolved
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     try:
         if run.parallel.strategy != "multi_worker":  # its strategy must start TF itself
             devices.configure_virtual_devices(run.parallel.num_virtual_devices, run.parallel.concurrent_devices)
@@ -218,6 +219,10 @@ def main(argv):
     except OSError as e:  # e.g. a disk that filled up, or a path removed during the run
         fail(f"could not read or write a file. Received: {e.filename or ''} ({e.strerror or e}); "
              "accepted: paths this user can write, on a disk with space.")
+    except tf.errors.ResourceExhaustedError:
+        fail(f"out of memory. Received: model_size={FLAGS.model_size}, seq_len={run.data.seq_len}, "
+             f"global_batch_size={run.data.global_batch_size}; accepted: a smaller --model_size, "
+             "--seq_len or --global_batch_size (--plan_only shows the memory estimate).")
     if run.plan_only:
         return
     if not metrics["step_losses"]:
