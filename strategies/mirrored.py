@@ -30,6 +30,10 @@ class MirroredAdapter(base.StrategyAdapter):
         super().__init__()
         self.cross_device_ops_name = cross_device_ops_name
         resolved = devices_lib.select_devices(devices, num_devices)
+        if cross_device_ops_name == "nccl" and not all("GPU" in d.upper() for d in resolved):
+            raise ValueError(  # TF would fail at the first all-reduce: no NcclAllReduce kernel
+                f"--cross_device_ops=nccl needs GPUs only. Received: devices={resolved}; "
+                f"accepted: --cross_device_ops=auto, hierarchical_copy or reduction_to_one_device.")
         self.strategy = tf.distribute.MirroredStrategy(
             devices=resolved, cross_device_ops=cross_device_ops(cross_device_ops_name))
 

@@ -82,8 +82,16 @@ class MultiWorkerAdapter(base.StrategyAdapter):
                 f"multi_worker trains only in chief and worker tasks. Received: task type "
                 f"{self.cluster.task_type!r}; accepted: "
                 f"{', '.join(cluster_lib.TRAINING_TASK_TYPES)}.")
-        self.strategy = KerasMultiWorkerMirroredStrategy(
-            cluster_resolver=resolver, communication_options=options)
+        try:
+            self.strategy = KerasMultiWorkerMirroredStrategy(
+                cluster_resolver=resolver, communication_options=options)
+        except tf.errors.OpError as e:  # e.g. "Could not start gRPC server": the port is taken
+            address = (self.cluster.cluster[self.cluster.task_type][self.cluster.task_index]
+                       if self.cluster else "local")
+            raise ValueError(
+                f"multi_worker could not start this worker's server. Received: address={address} "
+                f"({str(e).splitlines()[0][:200]}); accepted: a port free on every interface of "
+                f"this host (TF's server listens on all of them).") from None
 
     @classmethod
     def from_config(cls, parallel: config_lib.ParallelConfig) -> "MultiWorkerAdapter":

@@ -8,7 +8,7 @@ from unittest import mock
 
 from absl.testing import flagsaver
 
-from tests.testbase import TestCase, absltest, keras, run_cli, tiny_run
+from tests.testbase import TestCase, absltest, keras, run_cli, tf, tiny_run
 from tfpar import bench
 from tfpar import config as config_lib
 from tfpar import strategies
@@ -56,6 +56,11 @@ class ReportTest(absltest.TestCase):
         cfg = base.model
         self.assertEqual(benchmark.model_flops_per_token(cfg, 1000),
                          6 * 1000 + 12 * cfg.num_layers * cfg.seq_len * cfg.d_model)
+        seq2seq = config_lib.model_config("seq2seq", "tiny")  # encoder, decoder and cross attention
+        self.assertEqual(benchmark.model_flops_per_token(seq2seq, 1000),
+                         6 * 1000 + 12 * 3 * seq2seq.num_layers * seq2seq.seq_len * seq2seq.d_model)
+        self.assertEqual([benchmark.peak_dtype(p) for p in ("float32", "mixed_bfloat16", "mixed_float16")],
+                         [tf.float32, tf.bfloat16, tf.float16])
         self.assertAlmostEqual(rows["default/tfpar"]["mfu"], 2560 * benchmark.model_flops_per_token(cfg, 1000)
                                / rep["matmul_peak_flops"])
         text = benchmark.markdown(rep)

@@ -59,6 +59,8 @@ class TFConfigTest(parameterized.TestCase):
          "non-empty list"),
         ("two_chiefs", '{"cluster": {"chief": ["a:1", "b:2"]}, "task": {"type": "chief", "index": 0}}',
          "at most one chief"),
+        ("one_address_twice", '{"cluster": {"chief": ["a:1"], "worker": ["b:2", "a:1"]}, '
+         '"task": {"type": "chief", "index": 0}}', 'more than one task. Received: ["a:1"]'),
     )
     def test_bad_tf_config_raises_one_line(self, text, expected):
         with self.assertRaises(ValueError) as raised:
@@ -83,8 +85,18 @@ class TFConfigTest(parameterized.TestCase):
         self.assertEqual(spec.num_workers, num_workers)
         self.assertEqual(spec.is_chief, is_chief)
 
+    def test_slurm_only_inside_an_srun_step(self):
+        without_tf_config = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CONFIG", "SLURM_"))}
+        with mock.patch.dict(os.environ, {**without_tf_config, "SLURM_JOB_ID": "7"}, clear=True):
+            self.assertIsNone(cluster.cluster_resolver())  # e.g. one process in an salloc shell
+        # An srun step whose variables are incomplete: one line, not TF's RuntimeError.
+        with mock.patch.dict(os.environ, {**without_tf_config, "SLURM_JOB_ID": "7", "SLURM_PROCID": "0"},
+                             clear=True), self.assertRaisesRegex(ValueError, r"^the Slurm job's cluster "
+                                                                 r"could not be resolved\. Received: "):
+            cluster.spec_from_resolver(cluster.cluster_resolver())
+
     def test_tf_config_for_and_free_ports(self):
-        ports = cluster.free_loopback_ports(3)
+        ports = cluster.free_ports(3)
         self.assertLen(set(ports), 3)
         hosts = [f"127.0.0.1:{p}" for p in ports]
         spec = cluster.parse_tf_config(cluster.tf_config_for(hosts, 2))
@@ -118,12 +130,16 @@ class LauncherCliTest(parameterized.TestCase):
     def test_print_tf_config_one_per_host(self):
         result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2223")
         self.assertEqual(result.returncode, 0, result.stderr)
-        lines = result.stdout.splitlines()
-        self.assertLen(lines, 2)
-        for i, line in enumerate(lines):
+        *exports, command = result.stdout.splitlines()
+        self.assertLen(exports, 2)
+        for i, line in enumerate(exports):
             spec = cluster.parse_tf_config(line.split("'")[1])
             self.assertEqual((spec.task_type, spec.task_index), ("worker", i))
             self.assertEqual(dict(spec.cluster), {"worker": ("h1:2222", "h2:2223")})
+        self.assertEqual(command.split("  #")[0], "tfpar-train --strategy=multi_worker --num_virtual_devices=0")
+        result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2223", "--", "--model_dir=/runs/my run")
+        self.assertEqual(result.stdout.splitlines()[-1].split("  #")[0],
+                         "tfpar-train --strategy=multi_worker --num_virtual_devices=0 '--model_dir=/runs/my run'")
 
     def test_communication_reaches_the_strategy(self):
         code = ("from tfpar import strategies; "
@@ -151,27 +167,37 @@ class LauncherCliTest(parameterized.TestCase):
                  "--model_dir=/only/on/the/hosts"),
                 # the flag file (on the hosts) may hold the --model_dir that backups need
                 ("--flagfile=/only/on/the/hosts.flags", "--backup_every_steps=100")):
-            result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2222", "--", *train_flags)
+            result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2223", "--", *train_flags)
             self.assertEqual(result.returncode, 0, result.stderr)
-            self.assertLen(result.stdout.splitlines(), 2)
+            self.assertLen(result.stdout.splitlines(), 3)
+        # `-flagfile PATH` (two words) is one flag, read on the hosts
+        result = _launch_cli("--print_tf_config", "--hosts=h1:2222,h2:2223", "--", "-flagfile", "/only/on/hosts")
+        self.assertEqual(result.returncode, 0, result.stderr)
 
     @parameterized.named_parameters(
-        ("bad_port", ("--print_tf_config", "--hosts=h1:x")),
-        ("unknown_flag", ("--bogus",)),
-        ("zero_workers", ("--num_workers=0",)),
-        ("other_strategy", ("--", "--strategy=mirrored")),
-        ("printed_with_a_bad_train_flag", ("--print_tf_config", "--hosts=a:1,b:2", "--", "--model_size=huge")),
+        ("bad_port", ("--print_tf_config", "--hosts=h1:x"), "port"),
+        ("one_address_twice", ("--print_tf_config", "--hosts=h1:2222,h1:2222"),
+         'more than one task. Received: ["h1:2222"]'),
+        ("unknown_flag", ("--bogus",), "bogus"),
+        ("zero_workers", ("--num_workers=0",), "--num_workers must be >= 1"),
+        ("other_strategy", ("--", "--strategy=mirrored"), "strategy"),
+        ("printed_with_a_bad_train_flag", ("--print_tf_config", "--hosts=a:1,b:2", "--", "--model_size=huge"),
+         "model_size"),
         ("printed_with_a_flag_file_and_another_strategy",
-         ("--print_tf_config", "--hosts=a:1,b:2", "--", "-flagfile", "/only/on/hosts", "--strategy=mirrored")),
+         ("--print_tf_config", "--hosts=a:1,b:2", "--", "-flagfile", "/only/on/hosts", "--strategy=mirrored"),
+         "Received: strategy=mirrored"),
         ("printed_with_a_flag_file_and_a_bad_value",
-         ("--print_tf_config", "--hosts=a:1,b:2", "--", "--flagfile=/only/on/hosts", "--model_size=huge")),
+         ("--print_tf_config", "--hosts=a:1,b:2", "--", "--flagfile=/only/on/hosts", "--model_size=huge"),
+         "model_size"),
         ("printed_with_a_value_that_looks_like_a_flag_file",
-         ("--print_tf_config", "--hosts=a:1,b:2", "--", "--model_dir", "flagfile_runs", "--strategy=mirrored")),
+         ("--print_tf_config", "--hosts=a:1,b:2", "--", "--model_dir", "flagfile_runs", "--strategy=mirrored"),
+         "Received: strategy=mirrored"),
     )
-    def test_bad_input_exits_2_with_one_line(self, args):
+    def test_bad_input_exits_2_with_one_line(self, args, text):
         result = _launch_cli(*args)
         self.assertEqual(result.returncode, 2)
         self.assertLen(result.stderr.strip().splitlines(), 1, result.stderr)
+        self.assertIn(text, result.stderr)
 
 
 def _running(pid: int) -> bool:

@@ -25,6 +25,7 @@ Writes bench.json, bench.md and bench.png (with matplotlib).
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ import tempfile
 from absl import app
 from absl import flags
 
+from tfpar import cluster as cluster_lib
 from tfpar import config as config_lib
 from tfpar import train as train_cli
 
@@ -138,6 +140,11 @@ def plan_cells(base: config_lib.RunConfig, options=None):
         elif strategy == "mirrored":
             add(f"mirrored {n} dev", _with(base, options, strategy="mirrored", num_virtual_devices=n), ("tfpar", "plain"))
         elif strategy == "multi_worker":
+            if base.data.global_batch_size % n:  # one replica per worker
+                raise ValueError(
+                    f"--global_batch_size must be divisible by the number of workers. Received: "
+                    f"global_batch_size={base.data.global_batch_size}, workers={n}; accepted: a "
+                    f"multiple of {n}.")
             add(f"multi_worker {n} workers", _with(base, options, strategy="multi_worker", num_virtual_devices=0),
                 launch_workers=n)
         elif strategy == "dtensor":
@@ -189,7 +196,8 @@ def _run_cell(label: str, spec) -> dict:
     if spec.get("launch_workers"):
         return _run_launched(label, spec, env)
     proc = subprocess.run([sys.executable, "-m", "tfpar.bench", f"--cell={json.dumps(spec)}"],
-                          capture_output=True, text=True, env=env, timeout=1800)
+                          capture_output=True, text=True, env=env, timeout=1800,
+                          preexec_fn=cluster_lib.death_signal_fn())  # no cell outlives a killed bench
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark cell {label!r} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -203,9 +211,11 @@ def _run_launched(label: str, spec, env) -> dict:
         metrics_path = os.path.join(tmp, "metrics.json")
         train_flags = benchmark.train_flags(run, spec["steps"]) + [f"--metrics_json={metrics_path}"]
         proc = subprocess.run([sys.executable, "-m", "tfpar.launch", f"--num_workers={spec['launch_workers']}",
-                               "--", *train_flags], capture_output=True, text=True, env=env, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark cell {label!r} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                               "--", *train_flags], capture_output=True, text=True, env=env, timeout=1800,
+                              preexec_fn=cluster_lib.death_signal_fn(signal.SIGTERM))  # it stops its workers
+        if proc.returncode != 0:  # the workers' own errors are in the launcher's stdout
+            errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+            raise RuntimeError(f"benchmark cell {label!r} failed: {(errors or proc.stderr.strip().splitlines())[-1:]}")
         with open(metrics_path) as f:
             metrics = json.load(f)
     return benchmark.result_from_metrics(spec, run, metrics)
@@ -227,6 +237,11 @@ def main(argv):
         base = train_cli.config_from_flags(config_lib.ParallelConfig()).replace(
             model_dir=None, metrics_json=None, verbose=0)
         cells = plan_cells(base, options)
+        if not cells:
+            raise ValueError(
+                f"nothing to measure. Received: strategies={','.join(FLAGS.strategies)}, impls="
+                f"{','.join(FLAGS.impls)}, scaling={FLAGS.scaling}; accepted: at least one strategy "
+                f"and impl, or --scaling.")
     except ValueError as e:
         train_cli.fail(str(e))
     train_cli.quiet_tensorflow()

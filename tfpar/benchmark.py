@@ -61,12 +61,17 @@ def leave_gpu_memory_to_cells() -> None:
 
 def peak_dtype(mixed_precision: str) -> tf.DType:
     """The dtype of the matmul peak a run's MFU is measured against."""
-    return tf.bfloat16 if mixed_precision == "mixed_bfloat16" else tf.float32
+    return {"mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}.get(mixed_precision, tf.float32)
 
 
 def model_flops_per_token(cfg: config_lib.ModelConfig, params: int) -> float:
-    """6 x parameters + 12 x layers x seq x d (forward and backward)."""
-    return 6 * params + 12 * cfg.num_layers * cfg.seq_len * cfg.d_model
+    """6 x parameters + 12 x attention layers x seq x d (forward and backward).
+
+    A GPT block has one attention layer; a seq2seq block pair three (encoder
+    self-attention, decoder self-attention, cross-attention), each over seq_len keys.
+    """
+    attention_layers = cfg.num_layers * (3 if cfg.name == "seq2seq" else 1)
+    return 6 * params + 12 * attention_layers * cfg.seq_len * cfg.d_model
 
 
 def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int, jit_compile) -> tuple:
@@ -81,7 +86,11 @@ def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int, jit_compile
     try:
         with adapter.scope():
             tfpar_model = models.build(run.model)
-            inputs = keras.Input((run.model.seq_len,), dtype="int32")
+            example = tfpar_model.example_inputs()  # seq2seq: a dict of encoder and decoder tokens
+            if isinstance(example, dict):
+                inputs = {k: keras.Input(t.shape[1:], dtype=t.dtype, name=k) for k, t in example.items()}
+            else:
+                inputs = keras.Input(example.shape[1:], dtype=example.dtype)
             state = inputs
             for layer in tfpar_model.stack:
                 state = layer(state)
@@ -242,7 +251,7 @@ def _on_off(row) -> str:
 def markdown(rep: Dict[str, Any]) -> str:
     """The report as markdown tables (strategies, then scaling)."""
     head = ("| cell | impl | XLA | ms/step (± sd) | tokens/s | MFU | tfpar/plain | state bytes/device "
-            "| peak RSS MB | bubble measured (bound) |\n|---|---|---|---|---|---|---|---|---|---|")
+            "| peak RSS MB per process | bubble measured (bound) |\n|---|---|---|---|---|---|---|---|---|---|")
     lines, scaling = [head], ["| scaling | XLA | params | ms/step | tokens/s | MFU | peak RSS MB |",
                               "|---|---|---|---|---|---|---|"]
     for row in rep["rows"].values():

@@ -12,7 +12,9 @@ Every error is one line: what is wrong, what was received, what is accepted.
 import dataclasses
 import json
 import os
+import signal
 import socket
+import sys
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 TASK_TYPES = ("chief", "worker", "evaluator", "ps")
@@ -69,6 +71,11 @@ def make_cluster_spec(cluster, task_type, task_index) -> ClusterSpec:
             raise _error(f"cluster['{job}'] must be a non-empty list of 'host:port'",
                          addresses, '["host1:2222", "host2:2222"]')
         jobs[job] = tuple(_check_address(job, a) for a in addresses)
+    every = [address for addresses in jobs.values() for address in addresses]
+    repeated = sorted({address for address in every if every.count(address) > 1})
+    if repeated:  # the second task's gRPC server could not start
+        raise _error("an address is given to more than one task", repeated,
+                     "a distinct 'host:port' for each task")
     if len(jobs.get("chief", ())) > 1:
         raise _error("there can be at most one chief", list(jobs["chief"]), "one 'host:port'")
     if task_type not in TASK_TYPES:
@@ -136,13 +143,17 @@ def local_cores() -> int:
     return os.cpu_count() or 1
 
 
-def free_loopback_ports(n: int) -> List[int]:
-    """`n` distinct TCP ports free on 127.0.0.1 (held together while chosen)."""
+def free_ports(n: int) -> List[int]:
+    """`n` distinct TCP ports free on every interface (held together while chosen).
+
+    TF's gRPC server listens on all interfaces whatever host its address names,
+    so a port free on 127.0.0.1 alone may still be taken.
+    """
     sockets = []
     try:
         for _ in range(n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
+            s.bind(("", 0))
             sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
@@ -156,15 +167,22 @@ def spec_from_resolver(resolver) -> ClusterSpec:
     Raises:
       ValueError: if the resolver's cluster or task is invalid.
     """
-    jobs = {job: list(addresses) for job, addresses in resolver.cluster_spec().as_dict().items()}
-    return make_cluster_spec(jobs, resolver.task_type, resolver.task_id)
+    try:
+        jobs = {job: list(addresses) for job, addresses in resolver.cluster_spec().as_dict().items()}
+        task_type, task_id = resolver.task_type, resolver.task_id
+    except (RuntimeError, OSError, KeyError, ValueError) as e:  # Slurm: scontrol, its variables
+        raise ValueError(
+            f"the cluster could not be resolved from {type(resolver).__name__}. Received: {e}; "
+            f"accepted: a TF_CONFIG, or tfpar-train started by srun in a Slurm job.") from None
+    return make_cluster_spec(jobs, task_type, task_id)
 
 
 def cluster_resolver(environ: Optional[Mapping[str, str]] = None):
     """The tf.distribute ClusterResolver for this process, or None for one local worker.
 
-    TF_CONFIG (validated first) -> TFConfigClusterResolver; no TF_CONFIG but
-    SLURM_JOB_ID set -> SlurmClusterResolver; else None.
+    TF_CONFIG (validated first) -> TFConfigClusterResolver; no TF_CONFIG but an
+    srun step of a Slurm job (SLURM_JOB_ID and SLURM_PROCID set) ->
+    SlurmClusterResolver; else None (e.g. a single process in an salloc shell).
 
     Raises:
       ValueError: for an invalid TF_CONFIG.
@@ -174,6 +192,29 @@ def cluster_resolver(environ: Optional[Mapping[str, str]] = None):
     if environ.get("TF_CONFIG"):
         parse_tf_config(environ["TF_CONFIG"])
         return tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    if environ.get("SLURM_JOB_ID"):
-        return tf.distribute.cluster_resolver.SlurmClusterResolver()
+    if environ.get("SLURM_JOB_ID") and environ.get("SLURM_PROCID"):
+        try:
+            return tf.distribute.cluster_resolver.SlurmClusterResolver()
+        except (RuntimeError, OSError, KeyError, ValueError) as e:
+            raise ValueError(
+                f"the Slurm job's cluster could not be resolved. Received: {e}; accepted: "
+                f"tfpar-train started by srun in a Slurm job, or a TF_CONFIG.") from None
     return None
+
+
+def death_signal_fn(sig: int = signal.SIGKILL):
+    """A preexec_fn that has Linux send the child `sig` when this process dies, or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes  # pylint: disable=import-outside-toplevel
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # loaded before fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, sig)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os.kill(os.getpid(), sig)
+    return preexec

@@ -54,8 +54,11 @@ def configure_virtual_devices(num_devices: int, concurrent_devices: int = 1) -> 
         user_set = (tf.config.threading.get_intra_op_parallelism_threads() != 0
                     or "TF_NUM_INTRAOP_THREADS" in os.environ)
         if kind == "CPU" and concurrent_devices > 1 and not user_set:
-            tf.config.threading.set_intra_op_parallelism_threads(
-                max(1, cluster.local_cores() // concurrent_devices))
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(
+                    max(1, cluster.local_cores() // concurrent_devices))
+            except RuntimeError:  # TF already started with this split: its pool stays as it is
+                pass
     return [d.name for d in tf.config.list_logical_devices(kind)]
 
 

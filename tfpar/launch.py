@@ -5,8 +5,11 @@
     tfpar-launch --print_tf_config --kubernetes --hosts=a:2222,b:2222 --image=me/tfpar:0.1
 
 Local runs: each worker is `python -m tfpar.train --strategy=multi_worker
---num_virtual_devices=0 <flags after -->` with its TF_CONFIG on free
-127.0.0.1 ports, in its own process group. Every output line is prefixed with
+--num_virtual_devices=0 <flags after -->` with its TF_CONFIG on 127.0.0.1
+addresses, in its own process group. TF's gRPC server listens on every
+interface whatever host its address names, so the ports are chosen free on
+all of them, and the workers can be reached from the network unless a
+firewall stops it (the server has no authentication). Every output line is prefixed with
 `[worker i] `. When one worker fails, the others are stopped at once and the
 launcher exits with that worker's status (128+N for signal N). SIGINT and
 SIGTERM are forwarded to all workers. Does not import TensorFlow.
@@ -14,6 +17,7 @@ SIGTERM are forwarded to all workers. Does not import TensorFlow.
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -91,18 +95,6 @@ def check_train_flags(train_flags: Sequence[str], *, local: bool) -> None:
              "after --; accepted: neither flag, --strategy=multi_worker, --num_virtual_devices=0 or 1.")
 
 
-def _death_signal_fn():
-    """A preexec_fn that has Linux SIGKILL the worker if the launcher dies, or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes  # pylint: disable=import-outside-toplevel
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # loaded before fork
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class Launcher:
     """Starts, watches and stops a group of local workers."""
 
@@ -132,7 +124,7 @@ class Launcher:
         Workers get a temporary directory of the launcher's (TMPDIR) that `stop`
         deletes: a killed worker cannot delete its own temporary files.
         """
-        preexec_fn = _death_signal_fn()
+        preexec_fn = cluster_lib.death_signal_fn()
         self.tmp_dir = tempfile.mkdtemp(prefix="tfpar_launch_")
         try:
             for command, env in zip(self.commands, self.envs):
@@ -241,11 +233,11 @@ class Launcher:
 
 def local_launcher(num_workers: int, train_flags: Sequence[str], *, commands=None,
                    grace_seconds: float = 5.0, finish_timeout: float = 600.0, out=None) -> Launcher:
-    """A Launcher for `num_workers` workers on free loopback ports.
+    """A Launcher for `num_workers` workers on 127.0.0.1 and free ports.
 
     `commands` (one per worker) replaces the tfpar-train command line.
     """
-    hosts = [f"127.0.0.1:{port}" for port in cluster_lib.free_loopback_ports(num_workers)]
+    hosts = [f"127.0.0.1:{port}" for port in cluster_lib.free_ports(num_workers)]
     base_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
                 "PYTHONUNBUFFERED": "1"}
     # N workers on one host share its cores: each gets its share of TF's
@@ -285,13 +277,15 @@ def tfjob_manifest(name: str, image: str, replicas: int, train_flags: Sequence[s
 
 
 def print_configs(hosts: Sequence[str], train_flags: Sequence[str]) -> None:
-    """Prints one `export TF_CONFIG=...` line per host, or a TFJob manifest."""
+    """Prints one `export TF_CONFIG=...` line per host and the command each host runs
+    after it, or a TFJob manifest."""
     configs = [cluster_lib.tf_config_for(hosts, i) for i in range(len(hosts))]  # validates
     if FLAGS.kubernetes:
         print(tfjob_manifest(FLAGS.job_name, FLAGS.image, len(hosts), train_flags))
         return
     for i, (host, text) in enumerate(zip(hosts, configs)):
         print(f"export TF_CONFIG='{text}'  # worker {i} on {host}")
+    print(f"{shlex.join(['tfpar-train', *_WORKER_FLAGS, *train_flags])}  # on every host, after its export")
 
 
 def main(argv):
