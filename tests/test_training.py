@@ -116,7 +116,7 @@ class GradientReduceDtypeTest(TestCase):
         self.assertEqual({v.dtype for v in result.model.trainable_variables}, {"float32"})
         losses, expected = result.metrics["step_losses"], reference.metrics["step_losses"]
         self.assertGreater(expected[0] - expected[-1], 0.1, expected)
-        self.assertLossesClose(expected, losses, rtol=1e-2)
+        self.assertLossesClose(expected, losses, rtol=3e-4)  # 6.9e-5 measured (2026-11-27)
         self.assertFalse(np.allclose(losses, expected, rtol=1e-7, atol=0), losses)  # rounded gradients
 
     def test_refused_with_loss_scaling_and_other_dtypes(self):
