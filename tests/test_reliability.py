@@ -69,6 +69,25 @@ class ResumeTest(TestCase):
         for name in expected:
             np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
+    def test_an_interrupted_run_with_dropout_resumes_to_the_same_weights(self):
+        """The dropout layers' random state is backed up: the masks after a resume are the same."""
+        work = self.create_tempdir().full_path
+        run = tiny_run(steps=4, backup_every_steps=2, model_dir=f"{work}/straight")
+        run = run.replace(model=dataclasses.replace(run.model, dropout=0.2))
+        straight = self.train(run.replace(model_dir=f"{work}/straight"))
+
+        def interrupt(batch, logs):
+            if batch == 2:  # after the backup of step 2
+                raise KeyboardInterrupt
+        with self.assertRaises(KeyboardInterrupt):
+            self.train(run.replace(model_dir=f"{work}/resumed"),
+                       extra_callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=interrupt)])
+        resumed = self.train(run.replace(model_dir=f"{work}/resumed"))
+        self.assertEqual(resumed.metrics["resumed_from_step"], 2)
+        self.assertLossesClose(straight.metrics["step_losses"][2:], resumed.metrics["step_losses"], rtol=1e-6)
+        for expected, actual in zip(straight.model.get_weights(), resumed.model.get_weights(), strict=True):
+            np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+
     def test_the_last_step_is_backed_up_off_the_interval(self):
         """Rerunning a finished run (5 steps, backups every 2) restores step 5 and trains nothing."""
         work = self.create_tempdir().full_path

@@ -40,7 +40,11 @@ class StepBackup(keras.callbacks.Callback):
         self.every_steps = every_steps
         self.healthy = True  # no non-finite loss seen yet
         self.unverified: Optional[str] = None  # the backup whose weights no loss has used yet
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        # Non-trainable state, e.g. the dropout layers' seed-generator states, which
+        # Keras does not expose to tf.train.Checkpoint: restored, a resumed run draws
+        # the masks the uninterrupted run would have drawn.
+        state = {"non_trainable": list(model.non_trainable_variables)} if model.non_trainable_variables else {}
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, **state)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
 
     def restore(self) -> int:
