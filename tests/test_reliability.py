@@ -285,6 +285,18 @@ class ExportAndPlanTest(TestCase):
         self.assertAlmostEqual(float(logit_1), float(expected[1][0]), places=4)
         self.assertAlmostEqual(float(keras_logit), float(expected[1][0]), places=4)
 
+    def test_seq2seq_export_serves_the_decoders_next_token(self):
+        export_dir = self.create_tempdir().full_path
+        trained = self.train(tiny_run(model="seq2seq", steps=1, export_dir=export_dir))
+        served = tf.saved_model.load(f"{export_dir}/saved_model")
+        rng = np.random.default_rng(0)
+        source, target = rng.integers(0, 256, (2, 32), dtype=np.int32), rng.integers(0, 256, (2, 32), dtype=np.int32)
+        out = served.serve(encoder_tokens=tf.constant(source), tokens=tf.constant(target), lengths=tf.constant([3, 32]))
+        logits = trained.model({"encoder_tokens": source, "decoder_tokens": target}).numpy()
+        expected = np.stack([logits[0, 2], logits[1, 31]])
+        np.testing.assert_allclose(out["next_token_logits"].numpy(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out["next_token"].numpy(), np.argmax(expected, axis=-1))
+
     def test_plan_figures(self):
         """Parameter, optimizer and activation bytes of the tiny models under `default`."""
         for name, layers in (("gpt", 2), ("seq2seq", 4)):  # seq2seq: encoder and decoder layers

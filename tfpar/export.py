@@ -2,7 +2,9 @@
 
 The SavedModel has a `serve` endpoint for generation: given tokens padded to
 the model's length and each row's true length, it returns the next-token
-logits and the greedy next token. It loads with `tf.saved_model.load` alone.
+logits and the greedy next token (a seq2seq model takes its encoder tokens
+too, as `encoder_tokens`, and the decoder's as `tokens`). It loads with
+`tf.saved_model.load` alone.
 """
 
 import os
@@ -25,19 +27,24 @@ def export(model: keras.Model, export_dir: str) -> str:
     os.makedirs(export_dir, exist_ok=True)
     single = gather(model)
     single.save(os.path.join(export_dir, "model.keras"))
-    if single.model_config.name != "gpt":
-        return export_dir
     length = single.model_config.seq_len
+    tokens_spec = tf.TensorSpec((None, length), tf.int32, name="tokens")
+    lengths_spec = tf.TensorSpec((None,), tf.int32, name="lengths")
 
-    def serve(tokens, lengths):
-        logits = single(tokens, training=False)  # (batch, seq, vocab)
+    def next_token(logits, lengths):  # logits: (batch, seq, vocab)
         last = tf.gather(logits, lengths - 1, axis=1, batch_dims=1)  # (batch, vocab)
         return {"next_token_logits": last, "next_token": tf.argmax(last, axis=-1, output_type=tf.int32)}
 
     archive = keras.export.ExportArchive()
     archive.track(single)
-    archive.add_endpoint("serve", serve, input_signature=[
-        tf.TensorSpec((None, length), tf.int32, name="tokens"),
-        tf.TensorSpec((None,), tf.int32, name="lengths")])
+    if single.model_config.name == "gpt":
+        archive.add_endpoint("serve", lambda tokens, lengths: next_token(single(tokens, training=False), lengths),
+                             input_signature=[tokens_spec, lengths_spec])
+    else:  # seq2seq: the decoder's next token given the whole encoder input
+        def serve(encoder_tokens, tokens, lengths):
+            logits = single({"encoder_tokens": encoder_tokens, "decoder_tokens": tokens}, training=False)
+            return next_token(logits, lengths)
+        archive.add_endpoint("serve", serve, input_signature=[
+            tf.TensorSpec((None, length), tf.int32, name="encoder_tokens"), tokens_spec, lengths_spec])
     archive.write_out(os.path.join(export_dir, "saved_model"), verbose=False)
     return export_dir
