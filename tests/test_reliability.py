@@ -88,6 +88,24 @@ class ResumeTest(TestCase):
         for expected, actual in zip(straight.model.get_weights(), resumed.model.get_weights(), strict=True):
             np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
 
+    def test_steps_skipped_by_loss_scaling_count_as_trained(self):
+        """mixed_float16's LossScaleOptimizer skips overflowing steps without advancing
+        `optimizer.iterations`; backups and the resume point count fit's steps."""
+        work = self.create_tempdir().full_path
+        init = keras.optimizers.LossScaleOptimizer.__init__
+
+        def overflowing(optimizer, inner, initial_scale=None, **kwargs):
+            init(optimizer, inner, initial_scale=2.0 ** 20, **kwargs)  # every step here overflows
+        run = tiny_run(steps=4, backup_every_steps=2, model_dir=work, mixed_precision="mixed_float16")
+        with mock.patch.object(keras.optimizers.LossScaleOptimizer, "__init__", overflowing):
+            first = self.train(run)
+            self.assertEqual(int(first.model.optimizer.iterations.numpy()), 0)  # all 4 skipped
+            rerun = self.train(run)
+        self.assertEqual(sorted(os.listdir(f"{work}/backup")),
+                         ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index",
+                          "ckpt-4.data-00000-of-00001", "ckpt-4.index"])
+        self.assertEqual((rerun.metrics["resumed_from_step"], rerun.metrics["step_losses"]), (4, []))
+
     def test_the_last_step_is_backed_up_off_the_interval(self):
         """Rerunning a finished run (5 steps, backups every 2) restores step 5 and trains nothing."""
         work = self.create_tempdir().full_path

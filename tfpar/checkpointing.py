@@ -44,11 +44,15 @@ class StepBackup(keras.callbacks.Callback):
         # Keras does not expose to tf.train.Checkpoint: restored, a resumed run draws
         # the masks the uninterrupted run would have drawn.
         state = {"non_trainable": list(model.non_trainable_variables)} if model.non_trainable_variables else {}
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, **state)
+        # Steps trained, counted here: a LossScaleOptimizer (mixed_float16) does not
+        # advance `optimizer.iterations` on the steps it skips for overflowing gradients.
+        self.steps_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_done")
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                              steps_done=self.steps_done, **state)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
 
     def restore(self) -> int:
-        """Restores the latest backup, if any; returns the optimizer step it holds.
+        """Restores the latest backup, if any; returns the number of steps it holds.
 
         Raises:
           ValueError: if the backup does not match the model (another config).
@@ -92,9 +96,11 @@ class StepBackup(keras.callbacks.Callback):
 
     @property
     def step(self) -> int:
-        return int(self.checkpoint.model.optimizer.iterations.numpy())
+        """Steps trained (restored ones included)."""
+        return int(self.steps_done.numpy())
 
     def on_train_batch_end(self, batch, logs=None):
+        self.steps_done.assign_add(1)
         loss = (logs or {}).get("step_loss", (logs or {}).get("loss", 0.0))
         if not self.healthy:
             return
