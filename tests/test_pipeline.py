@@ -78,7 +78,7 @@ class PipelineEquivalenceTest(TestCase):
         losses, weights = self.reference(model, steps)
         self.assertLess(losses[-1], losses[0])
         self.assertLossesClose(losses, result.metrics["step_losses"])
-        self.assertSameWeights(weights, result.model)
+        self.assertSameWeights(weights, result.model, atol=1e-5)  # AdamW (SGD: the user-model tests)
 
     @parameterized.named_parameters(
         ("k2_m1_gpipe", 2, 1, "gpipe"),
