@@ -14,30 +14,38 @@ from tfpar import training
 
 class MirroredEquivalenceTest(TestCase):
 
+    _reference = {}
+
+    def reference(self, optimizer, learning_rate):
+        """`default`'s per-step losses and final weights (trained once per optimizer)."""
+        if optimizer not in self._reference:
+            result = self.train(tiny_run("default", optimizer=optimizer, learning_rate=learning_rate))
+            self._reference[optimizer] = (result.metrics["step_losses"], weights_of(result.model))
+        return self._reference[optimizer]
+
+    def assertSameTraining(self, result, optimizer):
+        losses, weights = self.reference(optimizer, {"sgd": 0.3, "adamw": 2e-3}[optimizer])
+        self.assertLess(losses[-1], losses[0])
+        self.assertLossesClose(losses, result.metrics["step_losses"])
+        self.assertSameWeights(weights, result.model, atol=1e-5 if optimizer == "adamw" else 1e-6)
+
     @parameterized.named_parameters(("sgd", "sgd", 0.3), ("adamw", "adamw", 2e-3))
     def test_mirrored_equals_default(self, optimizer, learning_rate):
-        reference = self.train(tiny_run("default", optimizer=optimizer, learning_rate=learning_rate))
         mirrored = self.train(tiny_run("mirrored", devices_count=4, optimizer=optimizer,
                                        learning_rate=learning_rate))
         self.assertEqual(mirrored.metrics["num_replicas"], 4)
-        self.assertLess(reference.metrics["step_losses"][-1], reference.metrics["step_losses"][0])
-        self.assertLossesClose(reference.metrics["step_losses"], mirrored.metrics["step_losses"])
-        self.assertSameWeights(weights_of(reference.model), mirrored.model,
-                               atol=1e-5 if optimizer == "adamw" else 1e-6)
+        self.assertSameTraining(mirrored, optimizer)
 
     def test_jit_compile_under_mirrored_and_default_equals_default(self):
         # SGD under mirrored (XLA computes the gradients: a scaled gradient shows in the weights)...
-        reference = self.train(tiny_run("default", optimizer="sgd", learning_rate=0.3))
         jitted = self.train(tiny_run("mirrored", devices_count=2, jit_compile=True, optimizer="sgd",
                                      learning_rate=0.3))
-        self.assertLossesClose(reference.metrics["step_losses"], jitted.metrics["step_losses"])
-        self.assertSameWeights(weights_of(reference.model), jitted.model)
+        self.assertSameTraining(jitted, "sgd")
         self.assertCompiledWithXla(jitted.model, ("gradients",))
         # ... and AdamW without a strategy, where XLA compiles the optimizer update too.
-        reference = self.train(tiny_run("default"))
-        jitted_default = self.train(tiny_run("default", jit_compile=True, grad_accum_steps=2))
-        self.assertLossesClose(reference.metrics["step_losses"], jitted_default.metrics["step_losses"])
-        self.assertSameWeights(weights_of(reference.model), jitted_default.model, atol=1e-5)
+        jitted_default = self.train(tiny_run("default", jit_compile=True, grad_accum_steps=2,
+                                             optimizer="adamw", learning_rate=2e-3))
+        self.assertSameTraining(jitted_default, "adamw")
         self.assertCompiledWithXla(jitted_default.model, ("whole step",))
 
     def assertCompiledWithXla(self, model, kinds):
