@@ -1,5 +1,6 @@
 """Data parallelism: `mirrored` must train to the same per-step losses as `default`."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -137,19 +138,29 @@ class ThreadShareTest(absltest.TestCase):
 class UserModelTest(TestCase):
 
     def test_functional_model_trains_with_plain_fit(self):
-        adapter = strategies.get("mirrored", num_devices=4)
-        keras.utils.set_random_seed(1)
+        """A user's own model under the adapter's scope trains as it does on one device."""
         x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
         y = (x @ np.arange(8, dtype="float32"))[:, None]
-        with adapter.scope():
-            inputs = keras.Input((8,))
-            outputs = keras.layers.Dense(1)(keras.layers.Dense(16, activation="relu")(inputs))
-            model = keras.Model(inputs, outputs)
-            model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
-        history = model.fit(x, y, batch_size=16, epochs=5, verbose=0)
-        self.assertEqual(adapter.num_replicas, 4)
-        self.assertLess(history.history["loss"][-1], history.history["loss"][0] / 2)
 
+        def fit(scope):
+            keras.utils.set_random_seed(1)
+            with scope:
+                inputs = keras.Input((8,))
+                outputs = keras.layers.Dense(1)(keras.layers.Dense(16, activation="relu")(inputs))
+                model = keras.Model(inputs, outputs)
+                model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+            history = model.fit(x, y, batch_size=16, epochs=5, shuffle=False, verbose=0)
+            return model, history.history["loss"]
+
+        adapter = strategies.get("mirrored", num_devices=4)
+        model, losses = fit(adapter.scope())
+        self.assertIs(model.distribute_strategy, adapter.strategy)
+        self.assertEqual(adapter.num_replicas, 4)
+        single, expected = fit(contextlib.nullcontext())
+        self.assertLess(expected[-1], expected[0] / 2)
+        self.assertLossesClose(expected, losses, rtol=1e-5)
+        for a, b in zip(model.get_weights(), single.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 if __name__ == "__main__":
     absltest.main()
