@@ -55,10 +55,13 @@ class ScheduleTest(parameterized.TestCase):
         self.assertEqual(schedule_lib.balanced_boundaries([18, 50, 50, 17], 2), (2,))
         self.assertEqual(schedule_lib.balanced_boundaries([10, 1, 1, 1, 1], 2), (1,))
 
-    @parameterized.named_parameters(("count", (1, 2), 2), ("order", (3, 2), 3),
-                                    ("zero", (0,), 2), ("end", (4,), 2))
-    def test_bad_boundaries(self, boundaries, stages):
-        with self.assertRaisesRegex(ValueError, "stage_boundaries"):
+    @parameterized.named_parameters(("count", (1, 2), 2, "must list K-1 stack indices"),
+                                    ("order", (3, 2), 3, "strictly increasing"),
+                                    ("zero", (0,), 2, "strictly increasing"),
+                                    ("end", (4,), 2, r"strictly increasing.* for a stack of 4 entries"),
+                                    ("float", (1.5,), 2, "must be integers"))
+    def test_bad_boundaries(self, boundaries, stages, pattern):
+        with self.assertRaisesRegex(ValueError, pattern):
             schedule_lib.check_boundaries(boundaries, stages, 4)
 
 
@@ -324,17 +327,18 @@ class PipelineValidationTest(TestCase):
         ("more_stages_than_devices", dict(stages=8, microbatches=1), "more devices|must not exceed the devices"),
         ("more_stages_than_stack", dict(stages=4, microbatches=1, num_layers=1), "stack entries"),
         ("boundaries_not_increasing", dict(stages=3, microbatches=1, parallel=dict(stage_boundaries=(3, 2))),
-         "stage_boundaries"),
+         "stage_boundaries must be strictly increasing"),
         ("boundary_out_of_range", dict(stages=2, microbatches=1, parallel=dict(stage_boundaries=(4,))),
-         "stage_boundaries"),
+         r"strictly increasing.* for a stack of 4 entries"),
         ("wrong_boundary_count", dict(stages=2, microbatches=1, parallel=dict(stage_boundaries=(1, 2))),
-         "stage_boundaries"),
+         "must list K-1 stack indices"),
         ("devices_not_multiple", dict(stages=2, microbatches=1, devices_count=3), "one device per stage"),
         ("accum_times_microbatches_not_dividing", dict(stages=2, microbatches=4, grad_accum_steps=4),
          "grad_accum_steps"),
-        ("jit_compile", dict(stages=2, microbatches=1, jit_compile=True), "jit_compile"),
+        ("jit_compile", dict(stages=2, microbatches=1, jit_compile=True),
+         "--jit_compile is not supported with --strategy=pipeline"),
         ("remat_with_dropout", dict(stages=2, microbatches=1, dropout=0.1, parallel=dict(remat=True)),
-         "remat"))
+         "--remat with --dropout > 0 is not supported"))
     def test_bad_input_raises(self, spec, pattern):
         spec = dict(spec)
         num_layers, dropout = spec.pop("num_layers", None), spec.pop("dropout", 0.0)
