@@ -112,9 +112,11 @@ class DTensorEquivalenceTest(DTensorTestCase):
 class DTensorPrecisionTest(DTensorTestCase):
 
     def test_mixed_bfloat16_trains(self):
+        reference = self.bfloat16_reference(steps=4)
+        reset_dtensor()
         result = self.train(tiny_run("dtensor", devices_count=4, steps=4, mixed_precision="mixed_bfloat16",
                                      parallel=dict(mesh="batch:2,model:2")))
-        self.assertTrainedInMixedBfloat16(result)
+        self.assertTrainedInMixedBfloat16(result, reference)
 
 
 # Megatron-LM's tensor-parallel layout of a GPT block, written out independently of

@@ -153,8 +153,9 @@ class PipelineEquivalenceTest(TestCase):
         self.assertSameTraining(result)
 
     def test_mixed_bfloat16_trains(self):
+        reference = self.bfloat16_reference(steps=5)
         result = self.train(pipeline_run(2, 2, "gpipe", mixed_precision="mixed_bfloat16"))
-        self.assertTrainedInMixedBfloat16(result)
+        self.assertTrainedInMixedBfloat16(result, reference)
 
     def test_seq2seq_encoder_decoder_split_equals_default(self):
         num_layers = config_lib.model_config("seq2seq", "tiny").num_layers

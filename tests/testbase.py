@@ -70,10 +70,19 @@ class TestCase(parameterized.TestCase):
             run = run.replace(data=run.data.__class__(**{**run.data.__dict__, "data_dir": self.data_dir}))
         return driver.train(run, extra_callbacks=extra_callbacks)
 
-    def assertTrainedInMixedBfloat16(self, result, min_drop: float = 0.0):
-        """Finite, falling losses; float32 weights; every layer computes in bfloat16."""
+    def bfloat16_reference(self, steps: int) -> List[float]:
+        """`default`'s per-step losses under mixed_bfloat16 (train it before other strategies)."""
+        return self.train(tiny_run("default", steps=steps, mixed_precision="mixed_bfloat16")).metrics["step_losses"]
+
+    def assertTrainedInMixedBfloat16(self, result, reference: List[float], min_drop: float = 0.0):
+        """The losses of `default` under mixed_bfloat16 (`bfloat16_reference`), falling; float32
+        weights; every layer computes in bfloat16.
+
+        Strategies agree with `default` within 2.3e-4 (relative) over 8 steps (2026-11-27; other
+        summation orders in bfloat16); rtol 2e-3 still sees a wrong gradient scale or stage.
+        """
         losses = result.metrics["step_losses"]
-        self.assertTrue(np.all(np.isfinite(losses)), losses)
+        self.assertLossesClose(reference, losses, rtol=2e-3)
         self.assertLess(losses[-1], losses[0] - min_drop, losses)
         self.assertEqual({v.dtype for v in result.model.trainable_variables}, {"float32"})
         for layer in result.model.stack:
