@@ -64,6 +64,15 @@ class DataTest(TestCase):
         x, _ = first_batches(self.run_config(dataset=f"text:{path}"), 1)[0]
         self.assertTrue(set(np.unique(x)) <= set(b"xyz"))
 
+    def test_text_records_keep_the_files_order(self):
+        """Windows cut across the 4 KB records join text that was adjacent in the file."""
+        path = os.path.join(self.create_tempdir().full_path, "numbers.txt")
+        text = "".join(f"{i:07d}\n" for i in range(20_000)).encode()  # 160 KB, 40 records
+        with open(path, "wb") as f:
+            f.write(text)
+        records = data_lib.text_dataset(self.run_config(dataset=f"text:{path}").data)
+        self.assertEqual(b"".join(r.numpy() for r in records), text)
+
     def test_too_little_text_for_one_window_is_a_value_error(self):
         path = os.path.join(self.create_tempdir().full_path, "short.txt")
         with open(path, "w") as f:
