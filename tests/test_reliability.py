@@ -152,6 +152,22 @@ class ResumeTest(TestCase):
         with open(f"{work}/config.json") as f:
             self.assertEqual(f.read(), saved)
 
+    def test_a_resume_over_an_edited_text_file_is_refused(self):
+        work = self.create_tempdir().full_path
+        corpus = f"{work}/corpus.txt"
+        with open(corpus, "w") as f:
+            f.write("the first text " * 500)
+
+        def run(steps):
+            changed = tiny_run(model_dir=f"{work}/run", steps=steps)
+            return changed.replace(data=dataclasses.replace(changed.data, dataset=f"text:{corpus}"))
+        self.train(run(2))
+        with open(corpus, "w") as f:
+            f.write("another text " * 600)
+        with self.assertRaisesRegex(ValueError, r"Received: data_source='text sha1:[0-9a-f]{16}'; accepted: "
+                                                r"data_source='text sha1:[0-9a-f]{16}' as in"):
+            self.train(run(4))
+
     def test_a_truncated_backup_is_a_one_line_error(self):
         work = self.create_tempdir().full_path
         self.train(tiny_run(model_dir=work, steps=2))
@@ -159,6 +175,10 @@ class ResumeTest(TestCase):
             f.truncate(100)
         with self.assertRaisesRegex(ValueError, r"^--model_dir's backup cannot be read \(damaged or "
                                                 r"incomplete\)\. Received: backup=.*ckpt-2 "):
+            self.train(tiny_run(model_dir=work, steps=4))
+        for path in tf.io.gfile.glob(f"{work}/backup/ckpt-2.*"):  # gone: not a silent start from step 0
+            os.remove(path)
+        with self.assertRaisesRegex(ValueError, r"cannot be read .*ckpt-2 \(its files are missing\)"):
             self.train(tiny_run(model_dir=work, steps=4))
 
     def test_torn_checkpoint_write_keeps_the_last_good_one(self):

@@ -57,7 +57,7 @@ class StepBackup(keras.callbacks.Callback):
         Raises:
           ValueError: if the backup does not match the model (another config).
         """
-        latest = tf.train.latest_checkpoint(self.restore_from)
+        latest = self._latest()
         if latest is None:
             return 0
         model = self.checkpoint.model
@@ -84,7 +84,7 @@ class StepBackup(keras.callbacks.Callback):
         Raises:
           ValueError: for a checkpoint that tfpar did not name.
         """
-        latest = tf.train.latest_checkpoint(self.restore_from)
+        latest = self._latest()
         if latest is None:
             return -1
         match = re.fullmatch(r"ckpt-(\d+)", os.path.basename(latest))
@@ -93,6 +93,22 @@ class StepBackup(keras.callbacks.Callback):
                 f"--model_dir's backup is not one tfpar wrote. Received: backup={latest}; "
                 f"accepted: backups named ckpt-STEP, or a new --model_dir.")
         return int(match.group(1))
+
+    def _latest(self) -> Optional[str]:
+        """The latest backup's path prefix, None if there is none.
+
+        Raises:
+          ValueError: if the `checkpoint` state file names a backup whose files are
+            gone (TF would return None, and the run would silently start over).
+        """
+        latest = tf.train.latest_checkpoint(self.restore_from)
+        state = tf.train.get_checkpoint_state(self.restore_from)
+        if latest is None and state is not None and state.model_checkpoint_path:
+            raise ValueError(
+                f"--model_dir's backup cannot be read (damaged or incomplete). Received: backup="
+                f"{state.model_checkpoint_path} (its files are missing); accepted: a whole backup, or a new "
+                f"--model_dir (or delete {self.restore_from} to start over in this one).")
+        return latest
 
     @property
     def step(self) -> int:

@@ -87,6 +87,15 @@ def _prepared(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core
     return builder
 
 
+def source_version(data: config_lib.DataConfig) -> str:
+    """What the data source holds now: the content hash of a text file, the builder
+    version of the builtin corpus, the TFDS name otherwise (a resume compares it)."""
+    kind, _, arg = data.dataset.partition(":")
+    if kind == "text":
+        return f"text sha1:{_file_digest(arg)}"
+    return f"tfpar_text {_VERSION}" if kind == "builtin" else data.dataset
+
+
 def _file_digest(path: str) -> str:
     """The content hash of a text file, computed once per version of the file."""
     stat = os.stat(path)

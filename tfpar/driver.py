@@ -120,7 +120,8 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
                 _check_same_run(run)
             # Written once the resume is accepted (a refused rerun leaves the model_dir as it
             # was), atomically: other workers may read it.
-            write_json(os.path.join(work_dir, "config.json"), dataclasses.asdict(run))
+            write_json(os.path.join(work_dir, "config.json"),
+                       {**dataclasses.asdict(run), "data_source": data_lib.source_version(run.data)})
             callbacks.append(backup)
             if start_step and run.verbose:
                 print(f"tfpar: resuming from the backup at step {start_step}", flush=True)
@@ -171,9 +172,10 @@ def _check_same_run(run: config_lib.RunConfig) -> None:
     with open(path) as f:
         saved = json.load(f)
     current = json.loads(json.dumps(dataclasses.asdict(run)))  # tuples as the JSON's lists
+    current["data_source"] = data_lib.source_version(run.data)  # e.g. a text file edited since
     compared = [(current["data"], saved.get("data", {}), [k for k in current["data"] if k != "data_dir"]),
                 (current["model"], saved.get("model", {}), list(current["model"])),
-                (current, saved, _RESUMED_SETTINGS)]
+                (current, saved, (*_RESUMED_SETTINGS, "data_source"))]
     changed = {k: (now[k], before[k]) for now, before, keys in compared for k in keys
                if k in before and before[k] != now[k]}  # seq_len is in data and model: named once
     if changed:
