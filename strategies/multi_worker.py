@@ -89,9 +89,9 @@ class MultiWorkerAdapter(base.StrategyAdapter):
             address = (self.cluster.cluster[self.cluster.task_type][self.cluster.task_index]
                        if self.cluster else "local")
             raise ValueError(
-                f"multi_worker could not start this worker's server. Received: address={address} "
-                f"({str(e).splitlines()[0][:200]}); accepted: a port free on every interface of "
-                f"this host (TF's server listens on all of them).") from None
+                f"multi_worker could not start this worker's collective server. Received: address="
+                f"{address} ({str(e).splitlines()[0][:200]}); accepted: an address whose port is "
+                f"free on every interface of this host (TF's server listens on all of them).") from None
 
     @classmethod
     def from_config(cls, parallel: config_lib.ParallelConfig) -> "MultiWorkerAdapter":

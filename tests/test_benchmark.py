@@ -8,7 +8,7 @@ from unittest import mock
 
 from absl.testing import flagsaver
 
-from tests.testbase import TestCase, absltest, keras, run_cli, tf, tiny_run
+from tests.testbase import TestCase, absltest, keras, parameterized, run_cli, tf, tiny_run
 from tfpar import bench
 from tfpar import config as config_lib
 from tfpar import strategies
@@ -25,7 +25,7 @@ def _result(label, impl, run, step_seconds, **metrics):
         "peak_rss_mb": 500.0, **metrics})
 
 
-class ReportTest(absltest.TestCase):
+class ReportTest(parameterized.TestCase):
 
     def test_ratios_and_pipeline_efficiency(self):
         base = tiny_run("default")
@@ -110,8 +110,9 @@ class ReportTest(absltest.TestCase):
         self.assertEqual(rates[-1], (ends[29] - ends[25]) / 4)
         self.assertLen(benchmark.window_rates(ends, warmup=6, window=5), 4)  # 24 steps: 4 whole windows
 
-    def test_multi_worker_cell_flags_give_back_the_same_run(self):
-        run = tiny_run("multi_worker", warmup_steps=3, weight_decay=0.05, deterministic=True,
+    @parameterized.named_parameters(("given_warmup", 3), ("default_warmup", None))
+    def test_multi_worker_cell_flags_give_back_the_same_run(self, warmup_steps):
+        run = tiny_run("multi_worker", warmup_steps=warmup_steps, weight_decay=0.05, deterministic=True,
                        jit_compile=True, seed=5, parallel=dict(communication="ring"))
         run = run.replace(data=dataclasses.replace(run.data, seed=5))  # one --seed sets both
         with flagsaver.flagsaver():

@@ -244,6 +244,18 @@ class LauncherSignalTest(absltest.TestCase):
             caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
         return bool(int(caught, 16) >> (signum - 1) & 1)
 
+    def test_a_child_that_asks_dies_with_its_parent(self):
+        """tfpar-bench's cells: the child itself asks Linux for a signal when the bench dies."""
+        child = ("from tfpar import cluster; import signal, time; "
+                 "cluster.die_with_parent(signal.SIGKILL); print('ready', flush=True); time.sleep(60)")
+        parent = ("import os, subprocess, sys; from tfpar import cluster; "
+                  f"child = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, "
+                  "env={**os.environ, cluster.PARENT_PID_ENV: str(os.getpid())}); "
+                  "child.stdout.readline(); print(child.pid, flush=True)")  # then the parent exits
+        result = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertStopped([int(result.stdout.split()[-1])])
+
     def assertStopped(self, pids, within=10.0):
         deadline = time.monotonic() + within
         while any(_running(pid) for pid in pids) and time.monotonic() < deadline:

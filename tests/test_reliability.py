@@ -168,18 +168,38 @@ class ResumeTest(TestCase):
                                                 r"data_source='text sha1:[0-9a-f]{16}' as in"):
             self.train(run(4))
 
-    def test_a_truncated_backup_is_a_one_line_error(self):
+    def test_a_damaged_backup_is_a_one_line_error_and_the_one_before_can_be_used(self):
         work = self.create_tempdir().full_path
-        self.train(tiny_run(model_dir=work, steps=2))
-        with open(f"{work}/backup/ckpt-2.data-00000-of-00001", "r+b") as f:
+        self.train(tiny_run(model_dir=work, steps=4, backup_every_steps=2))
+        with open(f"{work}/backup/ckpt-4.data-00000-of-00001", "r+b") as f:
             f.truncate(100)
         with self.assertRaisesRegex(ValueError, r"^--model_dir's backup cannot be read \(damaged or "
-                                                r"incomplete\)\. Received: backup=.*ckpt-2 "):
-            self.train(tiny_run(model_dir=work, steps=4))
-        for path in tf.io.gfile.glob(f"{work}/backup/ckpt-2.*"):  # gone: not a silent start from step 0
+                                                r"incomplete\)\. Received: backup=.*ckpt-4 .*delete .*ckpt-4\.\*"):
+            self.train(tiny_run(model_dir=work, steps=4, epochs=2, backup_every_steps=2))
+        for path in tf.io.gfile.glob(f"{work}/backup/ckpt-4.*"):  # as the error says
             os.remove(path)
-        with self.assertRaisesRegex(ValueError, r"cannot be read .*ckpt-2 \(its files are missing\)"):
-            self.train(tiny_run(model_dir=work, steps=4))
+        resumed = self.train(tiny_run(model_dir=work, steps=4, epochs=2, backup_every_steps=2))
+        self.assertEqual(resumed.metrics["resumed_from_step"], 2)
+        for path in tf.io.gfile.glob(f"{work}/backup/ckpt-*"):  # every backup gone: not a silent restart
+            os.remove(path)
+        with self.assertRaisesRegex(ValueError, r"cannot be read .*ckpt-8 \(its files are missing\)"):
+            self.train(tiny_run(model_dir=work, steps=4, epochs=3, backup_every_steps=2))
+
+    def test_a_backup_written_before_tfpar_counted_steps_resumes(self):
+        """Backups without `steps_done` (and configs with the old default warmup, 20) still resume."""
+        work = self.create_tempdir().full_path
+        first = self.train(tiny_run(model_dir=work, steps=2, warmup_steps=None))
+        for path in tf.io.gfile.glob(f"{work}/backup/ckpt-2.*"):
+            os.remove(path)
+        legacy = tf.train.Checkpoint(model=first.model, optimizer=first.model.optimizer)  # as tfpar wrote it
+        tf.train.CheckpointManager(legacy, f"{work}/backup", max_to_keep=2).save(checkpoint_number=2)
+        with open(f"{work}/config.json") as f:
+            saved = json.load(f)
+        with open(f"{work}/config.json", "w") as f:
+            json.dump({**saved, "warmup_steps": 20}, f)
+        resumed = self.train(tiny_run(model_dir=work, steps=2, epochs=2, warmup_steps=None))
+        self.assertEqual(resumed.metrics["resumed_from_step"], 2)
+        self.assertLen(resumed.metrics["step_losses"], 2)
 
     def test_torn_checkpoint_write_keeps_the_last_good_one(self):
         work = self.create_tempdir().full_path
@@ -282,7 +302,7 @@ class NonFiniteLossTest(TestCase):
                 kernel = poisoner.model.trainable_variables[0]
                 kernel.assign(np.full(kernel.shape, np.nan, "float32"))
         poisoner = keras.callbacks.LambdaCallback(on_train_batch_end=poison)
-        with self.assertRaisesRegex(FloatingPointError, r"^weights became non-finite at step 3 "):
+        with self.assertRaisesRegex(FloatingPointError, r"^weights became non-finite at step 4 "):
             self.train(run, extra_callbacks=[poisoner])
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
         self.assertEqual(tf.train.latest_checkpoint(f"{work}/backup"), f"{work}/backup/ckpt-2")

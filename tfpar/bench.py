@@ -192,12 +192,13 @@ def check_timing_flags() -> None:
 
 
 def _run_cell(label: str, spec) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # No cell outlives a killed bench: each cell (or cell launcher) asks Linux for a
+    # signal when this process dies (this process runs TF: no preexec_fn after fork).
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", cluster_lib.PARENT_PID_ENV: str(os.getpid())}
     if spec.get("launch_workers"):
         return _run_launched(label, spec, env)
     proc = subprocess.run([sys.executable, "-m", "tfpar.bench", f"--cell={json.dumps(spec)}"],
-                          capture_output=True, text=True, env=env, timeout=1800,
-                          preexec_fn=cluster_lib.death_signal_fn())  # no cell outlives a killed bench
+                          capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark cell {label!r} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -211,8 +212,7 @@ def _run_launched(label: str, spec, env) -> dict:
         metrics_path = os.path.join(tmp, "metrics.json")
         train_flags = benchmark.train_flags(run, spec["steps"]) + [f"--metrics_json={metrics_path}"]
         proc = subprocess.run([sys.executable, "-m", "tfpar.launch", f"--num_workers={spec['launch_workers']}",
-                               "--", *train_flags], capture_output=True, text=True, env=env, timeout=1800,
-                              preexec_fn=cluster_lib.death_signal_fn(signal.SIGTERM))  # it stops its workers
+                               "--", *train_flags], capture_output=True, text=True, env=env, timeout=1800)
         if proc.returncode != 0:  # the workers' own errors are in the launcher's stdout
             errors = [line for line in proc.stdout.splitlines() if "error:" in line]
             raise RuntimeError(f"benchmark cell {label!r} failed: {(errors or proc.stderr.strip().splitlines())[-1:]}")
@@ -224,6 +224,7 @@ def _run_launched(label: str, spec, env) -> dict:
 def main(argv):
     train_cli.refuse_positional(argv)
     if FLAGS.cell:
+        cluster_lib.die_with_parent(signal.SIGKILL)
         train_cli.quiet_tensorflow()
         from tfpar import benchmark  # pylint: disable=import-outside-toplevel
         print(json.dumps(benchmark.measure(json.loads(FLAGS.cell))), flush=True)

@@ -20,6 +20,7 @@ import os
 import re
 from typing import Optional
 
+from absl import logging
 import keras
 import tensorflow as tf
 
@@ -43,12 +44,12 @@ class StepBackup(keras.callbacks.Callback):
         # Non-trainable state, e.g. the dropout layers' seed-generator states, which
         # Keras does not expose to tf.train.Checkpoint: restored, a resumed run draws
         # the masks the uninterrupted run would have drawn.
-        state = {"non_trainable": list(model.non_trainable_variables)} if model.non_trainable_variables else {}
+        self.state = {"non_trainable": list(model.non_trainable_variables)} if model.non_trainable_variables else {}
         # Steps trained, counted here: a LossScaleOptimizer (mixed_float16) does not
         # advance `optimizer.iterations` on the steps it skips for overflowing gradients.
         self.steps_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_done")
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                                              steps_done=self.steps_done, **state)
+                                              steps_done=self.steps_done, **self.state)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
 
     def restore(self) -> int:
@@ -63,8 +64,19 @@ class StepBackup(keras.callbacks.Callback):
         model = self.checkpoint.model
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
+        # A backup written before tfpar counted steps itself (or kept the dropout
+        # state) has no `steps_done` (`non_trainable`): restored without them.
+        saved = {name.split("/")[0] for name, _ in tf.train.list_variables(latest)}
+        checkpoint = self.checkpoint
+        if "steps_done" not in saved or (self.state and "non_trainable" not in saved):
+            checkpoint = tf.train.Checkpoint(
+                model=model, optimizer=model.optimizer,
+                **({"steps_done": self.steps_done} if "steps_done" in saved else {}),
+                **(self.state if "non_trainable" in saved else {}))
         try:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            checkpoint.restore(latest).assert_existing_objects_matched()
+            if "steps_done" not in saved:
+                self.steps_done.assign(model.optimizer.iterations)
         except (AssertionError, ValueError, tf.errors.OpError) as e:
             raise ValueError(
                 f"--model_dir holds a backup of another run that does not match this model. "
@@ -73,8 +85,8 @@ class StepBackup(keras.callbacks.Callback):
         except (IndexError, OSError) as e:  # a truncated data file: "Read less bytes than requested"
             raise ValueError(
                 f"--model_dir's backup cannot be read (damaged or incomplete). Received: backup="
-                f"{latest} ({str(e).splitlines()[0]}); accepted: a whole backup (delete its files "
-                f"and {self.restore_from}/checkpoint names the one before), or a new --model_dir.") from None
+                f"{latest} ({str(e).splitlines()[0]}); accepted: a whole backup (delete {latest}.* "
+                f"to resume from the backup before it), or a new --model_dir.") from None
         return self.step
 
     def latest_step(self) -> int:
@@ -95,20 +107,24 @@ class StepBackup(keras.callbacks.Callback):
         return int(match.group(1))
 
     def _latest(self) -> Optional[str]:
-        """The latest backup's path prefix, None if there is none.
+        """The latest backup whose files exist (path prefix), None if there is none.
 
         Raises:
-          ValueError: if the `checkpoint` state file names a backup whose files are
+          ValueError: if the `checkpoint` state file names backups whose files are all
             gone (TF would return None, and the run would silently start over).
         """
         latest = tf.train.latest_checkpoint(self.restore_from)
         state = tf.train.get_checkpoint_state(self.restore_from)
-        if latest is None and state is not None and state.model_checkpoint_path:
-            raise ValueError(
-                f"--model_dir's backup cannot be read (damaged or incomplete). Received: backup="
-                f"{state.model_checkpoint_path} (its files are missing); accepted: a whole backup, or a new "
-                f"--model_dir (or delete {self.restore_from} to start over in this one).")
-        return latest
+        if latest is not None or state is None or not state.model_checkpoint_path:
+            return latest
+        whole = [path for path in state.all_model_checkpoint_paths if tf.io.gfile.exists(f"{path}.index")]
+        if whole:  # e.g. a damaged latest backup whose files the user deleted
+            logging.warning("backup %s has no files; resuming from %s.", state.model_checkpoint_path, whole[-1])
+            return whole[-1]
+        raise ValueError(
+            f"--model_dir's backup cannot be read (damaged or incomplete). Received: backup="
+            f"{state.model_checkpoint_path} (its files are missing); accepted: a whole backup, or a new "
+            f"--model_dir (or delete {self.restore_from} to start over in this one).")
 
     @property
     def step(self) -> int:

@@ -202,19 +202,48 @@ def cluster_resolver(environ: Optional[Mapping[str, str]] = None):
     return None
 
 
-def death_signal_fn(sig: int = signal.SIGKILL):
-    """A preexec_fn that has Linux send the child `sig` when this process dies, or None."""
+# Set by a parent for a child that calls `die_with_parent` itself (see there).
+PARENT_PID_ENV = "TFPAR_DIE_WITH_PARENT"
+
+
+def _prctl():
+    """libc's prctl, or None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         import ctypes  # pylint: disable=import-outside-toplevel
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # loaded before fork
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
         return None
-    parent = os.getpid()
 
-    def preexec():
-        prctl(1, sig)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died between fork and prctl
-            os.kill(os.getpid(), sig)
-    return preexec
+
+def _set_death_signal(prctl, sig: int, parent: int) -> None:
+    prctl(1, sig)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl
+        os.kill(os.getpid(), sig)
+
+
+def death_signal_fn(sig: int = signal.SIGKILL):
+    """A preexec_fn that has Linux send the child `sig` when this process dies, or None.
+
+    Only for a parent without threads (tfpar-launch): a preexec_fn may deadlock
+    after fork in a threaded process. A parent that runs TensorFlow sets
+    PARENT_PID_ENV in the child's environment instead (see `die_with_parent`).
+    """
+    prctl = _prctl()  # loaded before fork
+    if prctl is None:
+        return None
+    parent = os.getpid()
+    return lambda: _set_death_signal(prctl, sig, parent)
+
+
+def die_with_parent(sig: int) -> None:
+    """Has Linux send this process `sig` when the parent named by PARENT_PID_ENV dies.
+
+    Called by the child itself, first thing; the variable is removed so that
+    the child's own children do not inherit it.
+    """
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    prctl = _prctl()
+    if parent and prctl is not None:
+        _set_death_signal(prctl, sig, int(parent))

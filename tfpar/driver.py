@@ -134,7 +134,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
                 "training stopped and the last good checkpoint was kept.")
         if not checkpointing.weights_are_finite(model):  # the last update, which no loss has seen
             raise FloatingPointError(
-                f"weights became non-finite at step {start_step + len(recorder.step_losses) - 1} "
+                f"weights became non-finite at step {start_step + len(recorder.step_losses)} "
                 "(the last update); the last good checkpoint was kept.")
         if work_dir:
             model.save_weights(os.path.join(work_dir, "final.weights.h5"))
@@ -173,6 +173,9 @@ def _check_same_run(run: config_lib.RunConfig) -> None:
         saved = json.load(f)
     current = json.loads(json.dumps(dataclasses.asdict(run)))  # tuples as the JSON's lists
     current["data_source"] = data_lib.source_version(run.data)  # e.g. a text file edited since
+    for config in (current, saved):  # the default warmup was written as 20 before it became None
+        if config.get("warmup_steps") is None:
+            config["warmup_steps"] = config_lib.DEFAULT_WARMUP_STEPS
     compared = [(current["data"], saved.get("data", {}), [k for k in current["data"] if k != "data_dir"]),
                 (current["model"], saved.get("model", {}), list(current["model"])),
                 (current, saved, (*_RESUMED_SETTINGS, "data_source"))]

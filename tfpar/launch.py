@@ -289,6 +289,7 @@ def print_configs(hosts: Sequence[str], train_flags: Sequence[str]) -> None:
 
 
 def main(argv):
+    cluster_lib.die_with_parent(signal.SIGTERM)  # started by tfpar-bench: stop the workers with it
     train_flags = argv[1:]
     stray = [a for a in train_flags if not a.startswith("-")]
     if stray and "--" not in sys.argv:
