@@ -4,7 +4,7 @@ import json
 import os
 
 
-from tests.testbase import TestCase, absltest, np, parameterized, tiny_run, weights_of
+from tests.testbase import ADAMW_ATOL, TestCase, absltest, np, parameterized, tiny_run, weights_of
 from tfpar import driver
 from tfpar import layouts
 from tfpar import strategies
@@ -96,7 +96,7 @@ class DTensorEquivalenceTest(DTensorTestCase):
         self.assertEqual(result.metrics["mesh"], layouts.parse_mesh(mesh).__str__())
         losses, weights = self._reference[name]
         self.assertLossesClose(losses, result.metrics["step_losses"])
-        self.assertSameWeights(weights, result.model, atol=1e-5 if name == "adamw" else 1e-6)
+        self.assertSameWeights(weights, result.model, atol=ADAMW_ATOL if name == "adamw" else 1e-6)
 
     def test_seq2seq_equals_default(self):
         kwargs = dict(model="seq2seq", steps=10)
@@ -106,7 +106,7 @@ class DTensorEquivalenceTest(DTensorTestCase):
         result = self.train(tiny_run("dtensor", devices_count=4, parallel=dict(mesh="batch:2,model:2"),
                                      **kwargs))
         self.assertLossesClose(reference.metrics["step_losses"], result.metrics["step_losses"])
-        self.assertSameWeights(expected, result.model, atol=1e-5)  # AdamW
+        self.assertSameWeights(expected, result.model, atol=ADAMW_ATOL)
 
 
 class DTensorPrecisionTest(DTensorTestCase):

@@ -3,8 +3,8 @@
 import os
 import re
 
-from tests.testbase import (TestCase, absltest, keras, np, parameterized, reset_devices, tf, tiny_run,
-                            weights_of)
+from tests.testbase import (ADAMW_ATOL, TestCase, absltest, keras, np, parameterized, reset_devices, tf,
+                            tiny_run, weights_of)
 from tfpar import config as config_lib
 from tfpar import driver
 from tfpar import pipeline_schedule as schedule_lib
@@ -81,7 +81,7 @@ class PipelineEquivalenceTest(TestCase):
         losses, weights = self.reference(model, steps)
         self.assertLess(losses[-1], losses[0])
         self.assertLossesClose(losses, result.metrics["step_losses"])
-        self.assertSameWeights(weights, result.model, atol=1e-5)  # AdamW (SGD: the user-model tests)
+        self.assertSameWeights(weights, result.model, atol=ADAMW_ATOL)  # SGD: the user-model tests
 
     @parameterized.named_parameters(
         ("k2_m1_gpipe", 2, 1, "gpipe"),
