@@ -47,6 +47,15 @@ class StepRecorderTest(absltest.TestCase):
         self.assertAlmostEqual(recorder.tokens_per_second, 1000.0)
 
 
+class PrecisionPolicyTest(TestCase):
+
+    def test_train_leaves_the_callers_policy(self):
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        result = self.train(tiny_run(steps=1))  # a float32 run
+        self.assertEqual(result.model.stack[1].compute_dtype, "float32")
+        self.assertEqual(keras.mixed_precision.global_policy().name, "mixed_bfloat16")
+
+
 class OptimizerTest(TestCase):
 
     def build(self, **changes):

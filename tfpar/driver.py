@@ -93,8 +93,9 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(run.seed)
-    keras.mixed_precision.set_global_policy(run.mixed_precision)
     work_dir = _work_dir(run, adapter)
+    caller_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(run.mixed_precision)
     try:
         model = build_model(run, adapter)
         if run.verbose or run.plan_only:
@@ -150,7 +151,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             write_json(run.metrics_json, metrics)
         return TrainResult(metrics=metrics, model=model)
     finally:
-        keras.mixed_precision.set_global_policy("float32")
+        keras.mixed_precision.set_global_policy(caller_policy)  # the process as found
         if run.deterministic and not determinism_was_on:
             tf_config.disable_op_determinism()  # no public API; train() must leave the process as found
         if work_dir and not adapter.is_chief:
