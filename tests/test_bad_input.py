@@ -171,6 +171,23 @@ class FlagsToConfigTest(absltest.TestCase):
                 self.assertEqual((run.parallel.strategy, run.parallel.num_virtual_devices),
                                  ("mirrored", expected))
 
+    def test_a_failed_download_is_not_called_a_file_error(self):
+        import contextlib  # pylint: disable=import-outside-toplevel
+        import io  # pylint: disable=import-outside-toplevel
+        from unittest import mock  # pylint: disable=import-outside-toplevel
+        from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+        from tfpar import driver, train  # pylint: disable=import-outside-toplevel
+        stderr = io.StringIO()
+        with flagsaver.flagsaver(), mock.patch.object(driver, "train", side_effect=ConnectionError("timed out")), \
+                contextlib.redirect_stderr(stderr), self.assertRaises(SystemExit) as exited:
+            train.FLAGS.unparse_flags()
+            train.FLAGS(["tfpar-train", "--strategy=default", "--dataset=tfds:lm1b"])
+            train.main(["tfpar-train"])
+        self.assertEqual(exited.exception.code, 2)
+        self.assertEqual(stderr.getvalue(), "tfpar: error: a download failed (no network?). Received: "
+                         "dataset=tfds:lm1b (timed out); accepted: a TFDS dataset prepared in --data_dir "
+                         "beforehand, or builtin or text:PATH (no network).\n")
+
     def test_empty_strategy_options_from_python_are_not_given(self):
         from tfpar import config as config_lib  # pylint: disable=import-outside-toplevel
         parallel = config_lib.ParallelConfig(strategy="default", devices=[], stage_boundaries=[])

@@ -216,6 +216,9 @@ def main(argv):
         metrics = driver.train(run).metrics
     except (ValueError, FloatingPointError) as e:
         fail(str(e))
+    except ConnectionError as e:  # a TFDS download (an OSError too, but not a file's)
+        fail(f"a download failed (no network?). Received: dataset={run.data.dataset} ({e}); accepted: "
+             "a TFDS dataset prepared in --data_dir beforehand, or builtin or text:PATH (no network).")
     except OSError as e:  # e.g. a disk that filled up, or a path removed during the run
         fail(f"could not read or write a file. Received: {e.filename or ''} ({e.strerror or e}); "
              "accepted: paths this user can write, on a disk with space.")
