@@ -176,9 +176,10 @@ class FlagsToConfigTest(absltest.TestCase):
         import io  # pylint: disable=import-outside-toplevel
         from unittest import mock  # pylint: disable=import-outside-toplevel
         from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
-        from tfpar import driver, train  # pylint: disable=import-outside-toplevel
+        from tfpar import devices, driver, train  # pylint: disable=import-outside-toplevel
         stderr = io.StringIO()
         with flagsaver.flagsaver(), mock.patch.object(driver, "train", side_effect=ConnectionError("timed out")), \
+                mock.patch.object(devices, "configure_virtual_devices"), \
                 contextlib.redirect_stderr(stderr), self.assertRaises(SystemExit) as exited:
             train.FLAGS.unparse_flags()
             train.FLAGS(["tfpar-train", "--strategy=default", "--dataset=tfds:lm1b"])
