@@ -95,10 +95,11 @@ class StrategyAdapter:
         del run
         model.optimizer.build(model.trainable_variables)
 
-    def check_resume_step(self, backup_step: int) -> None:
-        """Hook run before the backup is restored, with the step it holds (-1: none);
-        multi-worker adapters check that every worker would restore the same step."""
-        del backup_step
+    def check_resume_step(self, backup_step: int, refused: bool = False) -> None:
+        """Hook run before the backup is restored, with the step it holds (-1: none) and
+        whether this process refuses to resume it; multi-worker adapters check that every
+        worker would restore the same step, and that no other worker refused."""
+        del backup_step, refused
 
     def per_device_param_bytes(self, model: keras.Model) -> List[int]:
         """Bytes of trainable parameters held by each device."""

@@ -113,20 +113,22 @@ class MultiWorkerAdapter(base.StrategyAdapter):
         """The chief task, or worker 0 when the cluster has no chief."""
         return self.cluster.is_chief if self.cluster else True
 
-    def check_resume_step(self, backup_step: int) -> None:
+    def check_resume_step(self, backup_step: int, refused: bool = False) -> None:
         """Every worker restores the chief's backup, so all resume at one step; a worker
         that cannot read it would start over, out of step with the others' collectives.
-        `backup_step` is this worker's (-1: no backup).
+        `backup_step` is this worker's (-1: no backup); `refused`, whether this worker
+        refuses to resume it (it raises its own error after this check).
 
         Raises (on every worker alike):
-          ValueError: if the workers would restore different steps.
+          ValueError: if the workers would restore different steps, or (on the workers
+            that did not refuse) if another worker refused.
         """
         if self.num_workers <= 1:
             return
         gather = lambda: tf.distribute.get_replica_context().all_gather(  # noqa: E731
-            tf.constant([backup_step], tf.int64), axis=0)
+            tf.constant([[backup_step, int(refused)]], tf.int64), axis=0)
         gathered = tf.function(lambda: self.strategy.run(gather))()  # eager `run` warns of overhead
-        steps = self.strategy.experimental_local_results(gathered)[0].numpy().tolist()
+        steps, refusals = zip(*self.strategy.experimental_local_results(gathered)[0].numpy().tolist())
         if len(set(steps)) > 1:
             raise ValueError(
                 f"multi_worker: the workers would resume from different steps of --model_dir's backup, so "
@@ -134,6 +136,13 @@ class MultiWorkerAdapter(base.StrategyAdapter):
                 f"{', '.join(str(step) if step >= 0 else 'none' for step in steps)} (one per replica, "
                 f"in worker order); accepted: one --model_dir that every worker reads (a shared "
                 f"filesystem, as for Keras's BackupAndRestore), or a new --model_dir.")
+        if any(refusals) and not refused:
+            refusing = ", ".join(str(i) for i, r in enumerate(refusals) if r)
+            raise ValueError(
+                f"multi_worker: another worker refused to resume --model_dir's run (its error says "
+                f"why), so no worker trains. Received: a refusal from replica {refusing} (in worker "
+                f"order); accepted: the same flags on every worker, matching the saved run's "
+                f"config.json, or a new --model_dir.")
 
     def describe(self) -> str:
         task = f"{self.cluster.task_type}:{self.cluster.task_index}" if self.cluster else "local"

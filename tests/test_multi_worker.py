@@ -449,9 +449,10 @@ class MultiWorkerProcessTest(absltest.TestCase):
         self.assertEqual(reference["replicas"], 1)
         np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5)
 
-    def test_workers_that_restore_different_steps_refuse_to_train(self):
+    def test_workers_that_restore_different_steps_or_refuse_do_not_train(self):
         """A worker that cannot read the chief's --model_dir (no shared filesystem) would start
-        over and leave the others waiting in a collective: every worker refuses instead."""
+        over, and one that refuses the saved run would stop, leaving the others waiting in a
+        collective: every worker refuses instead."""
         flags = [*TINY, self.data_flag(), "--nojit_compile"]
         chief_dir, other_dir = os.path.join(self.tmp, "chief"), os.path.join(self.tmp, "other")
         first = subprocess.run(  # one local worker: a backup at step 4
@@ -471,6 +472,24 @@ class MultiWorkerProcessTest(absltest.TestCase):
             self.assertIn(f"[worker {i}] tfpar: error: multi_worker: the workers would resume from different "
                           "steps of --model_dir's backup, so they cannot train in step. Received: backup steps 4, none",
                           out.getvalue())
+
+        # The same backup, but worker 0 asks for another learning rate: it refuses, and so does
+        # worker 1, which would otherwise wait for worker 0 in its first collective (on a
+        # cluster without tfpar-launch to stop it).
+        out = io.StringIO()
+        with mock.patch.dict(os.environ, {"TF_CPP_MIN_LOG_LEVEL": "3"}):
+            launcher = launch.local_launcher(2, [], out=out, commands=[
+                launch.worker_command([*flags, "--epochs=2", f"--model_dir={chief_dir}", *lr])
+                for lr in (["--learning_rate=0.5"], [])])
+        launcher.start()
+        self.addCleanup(launcher.stop, 0.0)
+        with mock.patch("sys.stderr", io.StringIO()):
+            self.assertEqual(launcher.wait(timeout=TIMEOUT), 2, out.getvalue()[-3000:])
+        self.assertIn("[worker 0] tfpar: error: --model_dir holds a run that read other data or trained with "
+                      "other settings, so this run cannot resume it. Received: learning_rate=0.5", out.getvalue())
+        self.assertIn("[worker 1] tfpar: error: multi_worker: another worker refused to resume --model_dir's "
+                      "run (its error says why), so no worker trains. Received: a refusal from replica 0",
+                      out.getvalue())
 
     def test_killed_worker_fails_fast_and_rerun_resumes_exactly(self):
         run_flags = ["--model_size=tiny", "--global_batch_size=8", "--steps_per_epoch=40", "--epochs=2",

@@ -147,10 +147,13 @@ class ResumeTest(TestCase):
                 self.train(run)
             with open(f"{work}/config.json") as f:
                 self.assertEqual(f.read(), saved, changes)
-        with self.assertRaisesRegex(ValueError, "another run"):  # another model: refused by the restore
+        with self.assertRaisesRegex(ValueError, "other settings.* Received: name='seq2seq'"):
             self.train(tiny_run(model_dir=work, steps=4, model="seq2seq"))
         with open(f"{work}/config.json") as f:
             self.assertEqual(f.read(), saved)
+        os.remove(f"{work}/config.json")  # e.g. a backup older than config.json: the restore refuses
+        with self.assertRaisesRegex(ValueError, "another run"):
+            self.train(tiny_run(model_dir=work, steps=4, model="seq2seq"))
 
     def test_a_resume_over_an_edited_text_file_is_refused(self):
         work = self.create_tempdir().full_path

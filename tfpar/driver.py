@@ -112,13 +112,16 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
                 os.path.join(work_dir, "backup"), model,
                 every_steps=run.backup_every_steps or run.steps_per_epoch,
                 restore_from=os.path.join(run.model_dir, "backup"))
-            # Before restoring: a restore on some workers only would already run collectives
-            # the others do not.
-            adapter.check_resume_step(backup.latest_step())
+            # Every worker checks the saved run, and all learn whether any refused, before the
+            # restore: a restore (or a refusal) on some workers only would leave the others
+            # waiting in collectives.
+            backup_step = backup.latest_step()
+            refusal = _resume_refusal(run) if backup_step > 0 else None
+            adapter.check_resume_step(backup_step, refused=refusal is not None)
+            if refusal:
+                raise ValueError(refusal)
             with adapter.scope():  # the optimizer may build its slots here
                 start_step = backup.restore()
-            if start_step and adapter.is_chief:  # the chief's check stops every worker
-                _check_same_run(run)
             # Written once the resume is accepted (a refused rerun leaves the model_dir as it
             # was), atomically: other workers may read it.
             write_json(os.path.join(work_dir, "config.json"),
@@ -163,13 +166,16 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
 _RESUMED_SETTINGS = ("optimizer", "learning_rate", "warmup_steps", "weight_decay", "mixed_precision")
 
 
-def _check_same_run(run: config_lib.RunConfig) -> None:
-    """A resumed run must read the data as the saved run did (or it resumes at the wrong
+def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
+    """Why `run` cannot resume the run saved in its model_dir, or None.
+
+    A resumed run must read the data as the saved run did (or it resumes at the wrong
     batch), with the same model and optimizer settings (or it does not continue that run).
-    More steps or epochs are allowed: they extend it."""
+    More steps or epochs are allowed: they extend it.
+    """
     path = os.path.join(run.model_dir, "config.json")
-    if not os.path.exists(path):  # e.g. a worker on another host than the chief
-        return
+    if not os.path.exists(path):  # a backup from before config.json was written
+        return None
     with open(path) as f:
         saved = json.load(f)
     current = json.loads(json.dumps(dataclasses.asdict(run)))  # tuples as the JSON's lists
@@ -182,9 +188,9 @@ def _check_same_run(run: config_lib.RunConfig) -> None:
                 (current, saved, (*_RESUMED_SETTINGS, "data_source"))]
     changed = {k: (now[k], before[k]) for now, before, keys in compared for k in keys
                if k in before and before[k] != now[k]}  # seq_len is in data and model: named once
-    if changed:
-        raise ValueError(
-            "--model_dir holds a run that read other data or trained with other settings, so this "
+    if not changed:
+        return None
+    return ("--model_dir holds a run that read other data or trained with other settings, so this "
             "run cannot resume it. Received: " + ", ".join(f"{k}={v!r}" for k, (v, _) in changed.items()) +
             "; accepted: " + ", ".join(f"{k}={s!r}" for k, (_, s) in changed.items()) + " as in " + path +
             ", or a new --model_dir.")
