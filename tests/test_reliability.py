@@ -132,6 +132,23 @@ class ResumeTest(TestCase):
         traces = tf.io.gfile.glob(f"{work}/logs/train/plugins/profile/*/*.xplane.pb")
         self.assertLen(traces, 1)  # steps 6..7 of the run: batches 2..3 of the resumed fit
 
+    def test_step_scalars_count_the_runs_steps_across_a_mid_epoch_resume(self):
+        """TensorBoard's step scalars count fit's steps, as backups do: mixed_float16's skipped
+        steps included (they do not advance `optimizer.iterations`)."""
+        work = self.create_tempdir().full_path
+        init = keras.optimizers.LossScaleOptimizer.__init__
+
+        def overflowing(optimizer, inner, initial_scale=None, **kwargs):
+            init(optimizer, inner, initial_scale=2.0 ** 20, **kwargs)  # the first steps overflow
+        with mock.patch.object(keras.optimizers.LossScaleOptimizer, "__init__", overflowing):
+            self.train(tiny_run(model_dir=work, steps=2, mixed_precision="mixed_float16"))  # every 2 steps
+            # 2 steps to finish epoch 1, then 4 in epoch 2; scalars every 4 steps
+            self.train(tiny_run(model_dir=work, steps=4, epochs=2, mixed_precision="mixed_float16"))
+        steps = sorted(event.step for path in tf.io.gfile.glob(f"{work}/logs/steps/events.*")
+                       for event in tf.compat.v1.train.summary_iterator(path)
+                       if any(v.tag == "step_loss" for v in event.summary.value))
+        self.assertEqual(steps, [2, 4, 8])
+
     def test_a_resume_that_would_read_other_data_is_refused_and_changes_nothing(self):
         work = self.create_tempdir().full_path
         self.train(tiny_run(model_dir=work, steps=2))

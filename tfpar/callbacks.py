@@ -86,21 +86,24 @@ class TrainingScalars(keras.callbacks.Callback):
     and the profiler trace.
     """
 
-    def __init__(self, log_dir: str, tokens_per_step: int, devices: List[str], every_steps: int = 10):
+    def __init__(self, log_dir: str, tokens_per_step: int, devices: List[str], every_steps: int = 10,
+                 initial_step: int = 0):
+        """`initial_step`: the steps trained before (a resumed run); counted on across `fit` calls."""
         super().__init__()
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
         self.tf = tf
-        self.writer = tf.summary.create_file_writer(log_dir)
+        self.log_dir = log_dir
+        self.writer = None  # open from train begin to train end, as Keras's TensorBoard's
         self.tokens_per_step = tokens_per_step
         specs = [tf.DeviceSpec.from_string(d) for d in devices]
         self.accelerators = [f"{s.device_type}:{s.device_index or 0}" for s in specs
                              if s.device_type in ("GPU", "TPU")]
         self.every_steps = every_steps
-        self.step = 0
+        self.step = initial_step
         self.window_start: Optional[float] = None
 
     def on_train_begin(self, logs=None):
-        self.step = int(self.model.optimizer.iterations.numpy())  # a resumed run starts past 0
+        self.writer = self.tf.summary.create_file_writer(self.log_dir)
         self.window_start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -125,4 +128,5 @@ class TrainingScalars(keras.callbacks.Callback):
         self.window_start = now
 
     def on_train_end(self, logs=None):
-        self.writer.flush()
+        self.writer.close()
+        self.writer = None

@@ -44,9 +44,9 @@ def build_model(run: config_lib.RunConfig, adapter) -> modeling.LanguageModel:
 
 
 def fit_callbacks(run: config_lib.RunConfig, adapter, model, work_dir: Optional[str],
-                  recorder: callbacks_lib.StepRecorder) -> List[Any]:
+                  recorder: callbacks_lib.StepRecorder, start_step: int = 0) -> List[Any]:
     """Per-epoch weights (while the loss is finite) and TensorBoard scalars under `work_dir`
-    (the chief's model_dir).
+    (the chief's model_dir), for a run that starts after `start_step` steps.
 
     Keras's TensorBoard callback (epoch metrics, profile) is added per `fit` call by `_fit_from`.
     """
@@ -58,7 +58,7 @@ def fit_callbacks(run: config_lib.RunConfig, adapter, model, work_dir: Optional[
             os.path.join(work_dir, "checkpoints", "epoch_{epoch:03d}.weights.h5"), recorder),
         callbacks_lib.TrainingScalars(
             os.path.join(logs, "steps"), run.data.global_batch_size * model.tokens_per_example(),
-            adapter.devices, every_steps=min(10, run.steps_per_epoch)),
+            adapter.devices, every_steps=min(10, run.steps_per_epoch), initial_step=start_step),
     ]
 
 
@@ -104,7 +104,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             if run.plan_only:
                 return TrainResult(metrics={"plan": plan}, model=model)
         recorder = callbacks_lib.StepRecorder(run.data.global_batch_size * model.tokens_per_example())
-        callbacks = [recorder, *extra_callbacks, *fit_callbacks(run, adapter, model, work_dir, recorder)]
+        callbacks = [recorder, *extra_callbacks]
         start_step = 0
         if work_dir:
             os.makedirs(work_dir, exist_ok=True)
@@ -126,7 +126,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             # was), atomically: other workers may read it.
             write_json(os.path.join(work_dir, "config.json"),
                        {**dataclasses.asdict(run), "data_source": data_lib.source_version(run.data)})
-            callbacks.append(backup)
+            callbacks += [*fit_callbacks(run, adapter, model, work_dir, recorder, start_step), backup]
             if start_step and run.verbose:
                 print(f"tfpar: resuming from the backup at step {start_step}", flush=True)
         start = time.perf_counter()
