@@ -32,6 +32,7 @@ CASES = [
     ("builtin_with_an_argument", "tfpar.train", ["--dataset=builtin:corpus.txt"], None, ["builtin", "text:PATH"]),
     ("out_of_memory", "tfpar.train", ["--seq_len=600000", "--steps_per_epoch=1", "--epochs=1"], None, ["out of memory", "seq_len=600000"]),
     ("dropout_out_of_range", "tfpar.train", ["--dropout=1.5"], None, ["dropout", "[0, 1)"]),
+    ("verbose_out_of_range", "tfpar.train", ["--verbose=3"], None, ["verbose=3", "0 (silent)"]),
     ("zero_epochs", "tfpar.train", ["--epochs=0"], None, ["epochs", "> 0"]),
     ("accum_not_dividing", "tfpar.train", ["--global_batch_size=8", "--grad_accum_steps=3"], None, ["grad_accum_steps", "divisible"]),
     ("missing_text_file", "tfpar.train", ["--dataset=text:/no/such/file.txt"], None, ["dataset", "text:PATH"]),

@@ -311,6 +311,10 @@ class RunConfig:
             positive("warmup_steps", self.warmup_steps, allow_zero=True)
         positive("backup_every_steps", self.backup_every_steps, allow_zero=True)
         valid_seed("seed", self.seed)
+        if self.verbose not in (0, 1, 2):  # Keras takes any int (above 2 as 2): not silently here
+            raise ValueError(
+                f"--verbose: unknown value. Received: verbose={self.verbose}; accepted: 0 (silent), "
+                f"1 (progress bar), 2 (one line per epoch).")
         if self.data.seq_len != self.model.seq_len:
             raise ValueError(
                 f"seq_len differs between data and model. Received: "
