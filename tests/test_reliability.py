@@ -350,13 +350,21 @@ class ExportAndPlanTest(TestCase):
             "tokens[1, :5] = [72, 101, 108, 108, 111]\n"
             "out = m.serve(tf.constant(tokens), tf.constant([3, 5]))\n"
             "print(*out['next_token'].numpy(), *out['next_token_logits'].numpy()[:, 0])\n"
+            "try:\n    m.serve(tf.constant(tokens), tf.constant([0, 5]))\n"
+            "except tf.errors.InvalidArgumentError as e:\n"
+            "    print('REFUSED', *[l for l in e.message.splitlines() if l.startswith('assertion failed')])\n"
             "import keras, tfpar.models\n"
             f"k = keras.models.load_model({export_dir + '/model.keras'!r})\n"
             "print(float(k(tf.constant(tokens))[1, 4, 0]))\n")
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                 timeout=120, cwd=REPO_ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        *next_tokens, logit_0, logit_1, keras_logit = result.stdout.split()
+        refused = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
+        self.assertLen(refused, 1, result.stdout)
+        self.assertStartsWith(refused[0], "REFUSED assertion failed: [serve: lengths must be in [1, 32] (the count "
+                                          "of real tokens in each row)] [Condition x >= y")
+        *next_tokens, logit_0, logit_1, keras_logit = [
+            word for line in result.stdout.splitlines() if line not in refused for word in line.split()]
         tokens = np.zeros((2, 32), np.int32)
         tokens[0, :3] = [84, 104, 101]
         tokens[1, :5] = [72, 101, 108, 108, 111]
@@ -379,6 +387,14 @@ class ExportAndPlanTest(TestCase):
         expected = np.stack([logits[0, 2], logits[1, 31]])
         np.testing.assert_allclose(out["next_token_logits"].numpy(), expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(out["next_token"].numpy(), np.argmax(expected, axis=-1))
+        bad_target = target.copy()
+        bad_target[1, 0] = 264  # one past the vocabulary
+        for lengths, decoder, text in (([3, 33], target, r"lengths must be in \[1, 32\]"),
+                                       ([3], target, "one entry per row"),
+                                       ([3, 32], bad_target, r"token ids must be in \[0, 264\)")):
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, text):
+                served.serve(encoder_tokens=tf.constant(source), tokens=tf.constant(decoder),
+                             lengths=tf.constant(lengths))
 
     def test_plan_figures(self):
         """Parameter, optimizer and activation bytes of the tiny models under `default`."""

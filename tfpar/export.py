@@ -31,6 +31,19 @@ def export(model: keras.Model, export_dir: str) -> str:
     tokens_spec = tf.TensorSpec((None, length), tf.int32, name="tokens")
     lengths_spec = tf.TensorSpec((None,), tf.int32, name="lengths")
 
+    vocab = single.model_config.vocab_size
+
+    def checked(tokens, lengths):
+        """Bad input fails with what was accepted; unchecked, a GPU gathers zeros silently."""
+        return [tf.debugging.assert_equal(tf.shape(lengths)[0], tf.shape(tokens)[0], message=(
+                    "serve: lengths must have one entry per row of tokens")),
+                tf.debugging.assert_greater_equal(lengths, 1, message=(
+                    f"serve: lengths must be in [1, {length}] (the count of real tokens in each row)")),
+                tf.debugging.assert_less_equal(lengths, length, message=(
+                    f"serve: lengths must be in [1, {length}] (the count of real tokens in each row)")),
+                tf.debugging.assert_non_negative(tokens, message=f"serve: token ids must be in [0, {vocab})"),
+                tf.debugging.assert_less(tokens, vocab, message=f"serve: token ids must be in [0, {vocab})")]
+
     def next_token(logits, lengths):  # logits: (batch, seq, vocab)
         last = tf.gather(logits, lengths - 1, axis=1, batch_dims=1)  # (batch, vocab)
         return {"next_token_logits": last, "next_token": tf.argmax(last, axis=-1, output_type=tf.int32)}
@@ -38,13 +51,17 @@ def export(model: keras.Model, export_dir: str) -> str:
     archive = keras.export.ExportArchive()
     archive.track(single)
     if single.model_config.name == "gpt":
-        archive.add_endpoint("serve", lambda tokens, lengths: next_token(single(tokens, training=False), lengths),
-                             input_signature=[tokens_spec, lengths_spec])
+        def serve_gpt(tokens, lengths):
+            with tf.control_dependencies(checked(tokens, lengths)):
+                return next_token(single(tokens, training=False), lengths)
+        archive.add_endpoint("serve", serve_gpt, input_signature=[tokens_spec, lengths_spec])
     else:  # seq2seq: the decoder's next token given the whole encoder input
-        def serve(encoder_tokens, tokens, lengths):
-            logits = single({"encoder_tokens": encoder_tokens, "decoder_tokens": tokens}, training=False)
-            return next_token(logits, lengths)
-        archive.add_endpoint("serve", serve, input_signature=[
+        def serve_seq2seq(encoder_tokens, tokens, lengths):
+            checks = checked(tokens, lengths) + checked(encoder_tokens, lengths)
+            with tf.control_dependencies(checks):
+                logits = single({"encoder_tokens": encoder_tokens, "decoder_tokens": tokens}, training=False)
+                return next_token(logits, lengths)
+        archive.add_endpoint("serve", serve_seq2seq, input_signature=[
             tf.TensorSpec((None, length), tf.int32, name="encoder_tokens"), tokens_spec, lengths_spec])
     archive.write_out(os.path.join(export_dir, "saved_model"), verbose=False)
     return export_dir
