@@ -1,6 +1,8 @@
 """Data: the builtin corpus through TFDS, determinism, disjoint shards, sources."""
 
 import os
+import socket
+from unittest import mock
 
 import tensorflow_datasets as tfds
 
@@ -96,14 +98,36 @@ class DataTest(TestCase):
         self.assertNotEqual(passes[0], passes[1])
 
     def test_tfds_source_with_mock_data(self):
-        # No --data_dir: the download path, which mock_data replaces (nothing is fetched).
-        with tfds.testing.mock_data(num_examples=64):
+        # No --data_dir: the download path, which mock_data replaces (nothing is fetched); tfpar's
+        # reachability probe runs before it and is answered here too.
+        with tfds.testing.mock_data(num_examples=64), mock.patch.object(socket, "create_connection"):
             x, _ = first_batches(self.run_config(dataset="tfds:imdb_reviews", data_dir=None), 1)[0]
         self.assertEqual(x.shape, (8, 32))
 
     def test_tfds_dataset_not_prepared_in_data_dir_is_a_value_error(self):
         with self.assertRaisesRegex(ValueError, "not prepared in --data_dir.*imdb_reviews"):
             first_batches(self.run_config(dataset="tfds:imdb_reviews"), 1)
+
+    def test_a_download_from_unreachable_hosts_fails_before_tfds_retries(self):
+        """Offline, TFDS retries a download for over 3 minutes; tfpar tries each host once."""
+        no_proxy = {name: "" for name in data_lib._PROXY_VARIABLES}  # pylint: disable=protected-access
+        imdb = config_lib.DataConfig(dataset="tfds:imdb_reviews", data_dir=None)
+        prepare = mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare",
+                                    side_effect=RuntimeError("downloading"))
+        with mock.patch.object(socket, "create_connection", side_effect=OSError("unreachable")) as connect, \
+                mock.patch.dict(os.environ, no_proxy), prepare as download:
+            with self.assertRaisesRegex(ConnectionError, "^cannot connect to ai.stanford.edu:80 or "
+                                                         "storage.googleapis.com:443$"):
+                data_lib.text_dataset(imdb)
+            download.assert_not_called()
+            self.assertEqual([c.args[0] for c in connect.call_args_list],
+                             [("ai.stanford.edu", 80), ("storage.googleapis.com", 443)])
+            with mock.patch.dict(os.environ, {"HTTPS_PROXY": "http://proxy:3128"}):  # no direct probe
+                with self.assertRaisesRegex(RuntimeError, "downloading"):
+                    data_lib.text_dataset(imdb)
+        with mock.patch.object(socket, "create_connection"), mock.patch.dict(os.environ, no_proxy), \
+                prepare, self.assertRaisesRegex(RuntimeError, "downloading"):  # a host answers
+            data_lib.text_dataset(imdb)
 
     def test_unknown_tfds_name_is_a_value_error(self):
         with self.assertRaisesRegex(ValueError, "unknown TFDS dataset.*no_such_dataset"):
