@@ -129,6 +129,14 @@ class DataTest(TestCase):
                 prepare, self.assertRaisesRegex(RuntimeError, "downloading"):  # a host answers
             data_lib.text_dataset(imdb)
 
+    def test_only_sources_that_fit_in_memory_are_cached(self):
+        corpus = self.create_tempfile(content="some text " * 100).full_path
+        self.assertTrue(data_lib.fits_in_memory(config_lib.DataConfig()))
+        self.assertTrue(data_lib.fits_in_memory(config_lib.DataConfig(dataset=f"text:{corpus}")))
+        self.assertFalse(data_lib.fits_in_memory(config_lib.DataConfig(dataset="tfds:lm1b")))
+        with mock.patch.object(os.path, "getsize", return_value=(256 << 20) + 1):
+            self.assertFalse(data_lib.fits_in_memory(config_lib.DataConfig(dataset=f"text:{corpus}")))
+
     def test_unknown_tfds_name_is_a_value_error(self):
         with self.assertRaisesRegex(ValueError, "unknown TFDS dataset.*no_such_dataset"):
             first_batches(self.run_config(dataset="tfds:no_such_dataset"), 1)

@@ -29,6 +29,7 @@ from tfpar import config as config_lib
 _RECORD_BYTES = 4096
 _PASSES = 16  # distinct permutations before the order repeats
 _SEED_STRIDE = 1_000_003
+_CACHE_MAX_BYTES = 256 << 20  # of text (tokens): larger sources are read from disk on each pass
 _VERSION = "1.1.0"  # of the tfpar_text builder and its configs
 
 
@@ -191,8 +192,17 @@ def _check_reachable(urls, timeout: float = 3.0) -> None:
                           f"or storage.googleapis.com:443")
 
 
+def fits_in_memory(data: config_lib.DataConfig) -> bool:
+    """Whether the source's windows are cached in memory (one byte a token): the builtin
+    corpus and text files up to `_CACHE_MAX_BYTES`; TFDS datasets are read from their
+    prepared files on every pass (lm1b alone holds ~4 GB of text)."""
+    kind, _, arg = data.dataset.partition(":")
+    return kind == "builtin" or (kind == "text" and os.path.getsize(arg) <= _CACHE_MAX_BYTES)
+
+
 def token_windows(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
-    """Consecutive, non-overlapping windows of `length` byte tokens (int32), cached.
+    """Consecutive, non-overlapping windows of `length` byte tokens (int32), cached in
+    memory when the source `fits_in_memory`.
 
     Raises:
       ValueError: if the whole dataset holds fewer than `length` tokens.
@@ -208,8 +218,10 @@ def token_windows(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
             f"--dataset holds too little text for one training window. Received: "
             f"dataset={data.dataset!r} with {tokens_seen} tokens (bytes); accepted: at least "
             f"{length} tokens for --seq_len={data.seq_len}.")
-    tokens = texts.map(lambda t: tf.cast(tf.io.decode_raw(t, tf.uint8), tf.int32))
-    return tokens.unbatch().batch(length, drop_remainder=True).cache()
+    windows = texts.map(lambda t: tf.io.decode_raw(t, tf.uint8)).unbatch().batch(length, drop_remainder=True)
+    if fits_in_memory(data):
+        windows = windows.cache()  # as bytes: a quarter of int32's memory
+    return windows.map(lambda w: tf.cast(w, tf.int32))
 
 
 def causal_example(window):
@@ -244,8 +256,9 @@ def make_dataset_fn(run: config_lib.RunConfig, skip_steps: int = 0) -> Callable:
     if model_name == "gpt":
         examples = token_windows(data, data.seq_len + 1).map(causal_example)
     else:
-        examples = token_windows(data, data.seq_len).enumerate().map(
-            denoising_example(data.seed)).cache()
+        examples = token_windows(data, data.seq_len).enumerate().map(denoising_example(data.seed))
+        if fits_in_memory(data):
+            examples = examples.cache()
 
     def dataset_fn(input_context: Optional[tf.distribute.InputContext] = None):
         ctx = input_context or tf.distribute.InputContext()
