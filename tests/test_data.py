@@ -1,5 +1,6 @@
 """Data: the builtin corpus through TFDS, determinism, disjoint shards, sources."""
 
+import dataclasses
 import os
 import socket
 from unittest import mock
@@ -128,6 +129,22 @@ class DataTest(TestCase):
         with mock.patch.object(socket, "create_connection"), mock.patch.dict(os.environ, no_proxy), \
                 prepare, self.assertRaisesRegex(RuntimeError, "downloading"):  # a host answers
             data_lib.text_dataset(imdb)
+
+    def test_resumed_data_skips_whole_passes_to_the_same_batches(self):
+        corpus = self.create_tempfile(content=bytes(range(33, 33 + 94)) * 4).full_path  # 376 bytes
+        for model, per_pass in (("gpt", 11), ("seq2seq", 11)):  # windows of 33 and 32 tokens
+            run = tiny_run(model=model, global_batch_size=2)
+            run = run.replace(data=dataclasses.replace(run.data, dataset=f"text:{corpus}", data_dir=self.data_dir,
+                                                       shuffle_buffer=16))
+            self.assertEqual(data_lib.windows_per_pass(run.data, 32 + (model == "gpt")), per_pass)
+            every = [tf.nest.map_structure(lambda t: t.numpy(), b)
+                     for b in data_lib.make_dataset_fn(run)(None).take(2 * 16 * per_pass // 2 + 10)]
+            for skip in (1, 5, 6, 40, 88, 89, 180):  # within a pass, across passes, past a cycle of 16
+                with self.subTest(model=model, skip=skip):
+                    resumed = data_lib.make_dataset_fn(run, skip_steps=skip)(None)
+                    for got, expected in zip(resumed.take(3), every[skip:skip + 3], strict=True):
+                        tf.nest.map_structure(np.testing.assert_array_equal, expected,
+                                              tf.nest.map_structure(lambda t: t.numpy(), got))
 
     def test_only_sources_that_fit_in_memory_are_cached(self):
         corpus = self.create_tempfile(content="some text " * 100).full_path
