@@ -13,7 +13,8 @@ from unittest import mock
 
 import h5py
 
-from tests.testbase import REPO_ROOT, TestCase, absltest, keras, np, run_cli, tf, tiny_run
+from tests.testbase import (REPO_ROOT, TestCase, absltest, keras, np, parameterized, run_cli, tf, tiny_run,
+                            weights_of)
 from tfpar import config as config_lib
 from tfpar import driver
 from tfpar import export as export_lib
@@ -91,6 +92,28 @@ class ResumeTest(TestCase):
         self.assertLossesClose(straight.metrics["step_losses"][2:], resumed.metrics["step_losses"], rtol=1e-6)
         for expected, actual in zip(straight.model.get_weights(), resumed.model.get_weights(), strict=True):
             np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+
+    @parameterized.named_parameters(
+        ("dtensor", "dtensor", 4, dict(mesh="batch:2,model:2")),
+        ("pipeline_1f1b", "pipeline", 2, dict(pipeline_stages=2, num_microbatches=2, pipeline_schedule="1f1b")))
+    def test_an_interrupted_run_resumes_to_the_same_weights_under(self, strategy, devices, parallel):
+        """Backups hold sharded (dtensor) and stage-placed (pipeline) variables and optimizer slots."""
+        work = self.create_tempdir().full_path
+        run = tiny_run(strategy, devices_count=devices, parallel=parallel, steps=4, backup_every_steps=2,
+                       model_dir=f"{work}/straight")
+        straight = self.train(run.replace(model_dir=f"{work}/straight"))
+        expected = weights_of(straight.model)
+
+        def interrupt(batch, logs):
+            if batch == 2:  # after the backup of step 2
+                raise KeyboardInterrupt
+        with self.assertRaises(KeyboardInterrupt):
+            self.train(run.replace(model_dir=f"{work}/resumed"),
+                       extra_callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=interrupt)])
+        resumed = self.train(run.replace(model_dir=f"{work}/resumed"))
+        self.assertEqual(resumed.metrics["resumed_from_step"], 2)
+        self.assertLossesClose(straight.metrics["step_losses"][2:], resumed.metrics["step_losses"], rtol=1e-6)
+        self.assertSameWeights(expected, resumed.model, rtol=1e-6, atol=1e-7)
 
     def test_steps_skipped_by_loss_scaling_count_as_trained(self):
         """mixed_float16's LossScaleOptimizer skips overflowing steps without advancing
