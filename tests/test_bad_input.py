@@ -81,6 +81,7 @@ CASES = [
     ("launch_other_strategy", "tfpar.launch", ["--", "--strategy", "mirrored"], None, ["strategy", "multi_worker"]),
     ("launch_bad_train_flag", "tfpar.launch", ["--", "--model_size=huge"], None, ["model_size", "tiny"]),
     ("generate_without_model", "tfpar.generate", ["--model_dir=/no/such/run"], None, ["model_dir", "no trained model"]),
+    ("generate_top_k_when_greedy", "tfpar.generate", ["--model_dir=/no/such/run", "--top_k=20"], None, ["top_k=20", "temperature"]),
     ("generate_training_flag", "tfpar.generate", ["--model_dir=/no/such/run", "--model_size=small"], None, ["--model_size", "no training flags"]),
 ]
 PROGRAMS = {"tfpar.train": "tfpar-train", "tfpar.launch": "tfpar-launch", "tfpar.bench": "tfpar-bench",

@@ -47,16 +47,20 @@ def main(argv):
     if training_flags:  # the model comes from --model_dir/config.json; they would do nothing
         train_cli.fail(f"tfpar-generate takes no training flags. Received: {', '.join(training_flags)}; "
                        "accepted: --model_dir, --seed, --prompt, --max_new_tokens, --temperature, --top_k.")
-    model_dir = train_cli.expand_path(FLAGS.model_dir)
-    problem = _model_dir_error(model_dir)
-    if problem:
-        train_cli.fail(problem)
     vocab = config_lib.VOCAB_SIZES["gpt"]
     if (not 0 <= FLAGS.temperature < math.inf or FLAGS.max_new_tokens <= 0
             or not 0 <= FLAGS.top_k <= vocab):
         train_cli.fail(f"bad sampling options. Received: temperature={FLAGS.temperature}, "
                        f"top_k={FLAGS.top_k}, max_new_tokens={FLAGS.max_new_tokens}; accepted: "
                        f"a finite temperature >= 0, 0 <= top_k <= {vocab} (the vocabulary), max_new_tokens > 0.")
+    if FLAGS.top_k and not FLAGS.temperature:  # greedy takes the top byte: top_k would do nothing
+        train_cli.fail(f"--top_k samples, and temperature 0 is greedy (no sampling). Received: "
+                       f"top_k={FLAGS.top_k}, temperature=0.0; accepted: --top_k with a --temperature "
+                       f"above 0, or no --top_k.")
+    model_dir = train_cli.expand_path(FLAGS.model_dir)
+    problem = _model_dir_error(model_dir)
+    if problem:
+        train_cli.fail(problem)
     try:
         config_lib.valid_seed("seed", FLAGS.seed)
     except ValueError as e:
