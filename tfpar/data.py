@@ -18,6 +18,7 @@ import hashlib
 import os
 import socket
 import urllib.parse
+import urllib.request
 from typing import Callable, Optional
 
 from absl import logging
@@ -115,6 +116,19 @@ def _content_digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:16]
 
 
+def _text_builder(data: config_lib.DataConfig) -> TfparText:
+    """The prepared `tfpar_text` builder of a builtin or text:PATH source."""
+    kind, _, arg = data.dataset.partition(":")
+    builder_config = None
+    if kind == "text":  # prepared once per content: an edited file is prepared again
+        if not os.path.getsize(arg):  # TFDS refuses to prepare a split without examples
+            raise ValueError(
+                f"--dataset holds no text. Received: dataset={data.dataset!r}, an empty file; "
+                f"accepted: a file with at least --seq_len + 1 bytes.")
+        builder_config = TextConfig(name=f"file_{_file_digest(arg)}", path=arg)
+    return _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
+
+
 def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     """A dataset of scalar `tf.string` texts for `data.dataset`.
 
@@ -124,15 +138,7 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     """
     kind, _, arg = data.dataset.partition(":")
     if kind in ("builtin", "text"):
-        builder_config = None
-        if kind == "text":  # prepared once per content: an edited file is prepared again
-            if not os.path.getsize(arg):  # TFDS refuses to prepare a split without examples
-                raise ValueError(
-                    f"--dataset holds no text. Received: dataset={data.dataset!r}, an empty file; "
-                    f"accepted: a file with at least --seq_len + 1 bytes.")
-            builder_config = TextConfig(name=f"file_{_file_digest(arg)}", path=arg)
-        builder = _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
-        return builder.as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])
+        return _text_builder(data).as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # TFDS warns about each version folder it cannot read
     try:
@@ -166,9 +172,6 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     return builder.as_dataset(split="train").map(lambda ex: ex[key])
 
 
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
 def _check_reachable(urls, timeout: float = 3.0) -> None:
     """Fails in seconds when none of a download's hosts can be reached: TFDS retries each
     download 10 times with a growing backoff, over 3 minutes without a network.
@@ -176,10 +179,11 @@ def _check_reachable(urls, timeout: float = 3.0) -> None:
     Raises:
       ConnectionError: naming the hosts tried.
     """
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+    if urllib.request.getproxies():  # as requests reads them: environment or system settings
         return  # requests goes through the proxy; a direct connection says nothing
-    addresses = sorted({(u.hostname, u.port or (80 if u.scheme == "http" else 443))
-                        for u in map(urllib.parse.urlsplit, urls) if u.hostname})[:3]
+    ports = {"http": 80, "ftp": 21}
+    addresses = list(dict.fromkeys((u.hostname, u.port or ports.get(u.scheme, 443))
+                                   for u in map(urllib.parse.urlsplit, urls) if u.hostname))[:3]
     if not addresses:
         return
     for address in [*addresses, ("storage.googleapis.com", 443)]:  # TFDS's prepared copies
@@ -202,11 +206,15 @@ def fits_in_memory(data: config_lib.DataConfig) -> bool:
 
 def windows_per_pass(data: config_lib.DataConfig, length: int) -> Optional[int]:
     """How many windows of `length` tokens one pass over the source holds, where that is
-    known without reading it (the builtin corpus and text files; None for TFDS)."""
-    kind, _, arg = data.dataset.partition(":")
-    if kind == "builtin":
-        return len(_builtin_text().encode("utf-8")) // length
-    return os.path.getsize(arg) // length if kind == "text" else None
+    known without reading it all: from the prepared `tfpar_text` split (every record but
+    the last holds `_RECORD_BYTES`), which may predate this Python's builtin text. None
+    for TFDS datasets."""
+    if data.dataset.partition(":")[0] not in ("builtin", "text"):
+        return None
+    builder = _text_builder(data)
+    records = builder.info.splits["train"].num_examples
+    last = next(iter(builder.as_dataset(split="train[-1:]", shuffle_files=False)))["text"]
+    return ((records - 1) * _RECORD_BYTES + len(last.numpy())) // length
 
 
 def token_windows(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
@@ -266,9 +274,16 @@ def make_dataset_fn(run: config_lib.RunConfig, skip_steps: int = 0) -> Callable:
     if model_name == "gpt":
         examples = token_windows(data, length).map(causal_example)
     else:
+        # Not cached: masks are a pure function of the window's index, cheap to draw again,
+        # and three int32 copies would take 12 bytes a token.
         examples = token_windows(data, length).enumerate().map(denoising_example(data.seed))
-        if fits_in_memory(data):
-            examples = examples.cache()
+
+    # Whole passes are skipped by starting at a later one (a skip reads every element it
+    # skips: 7.5 s for 10,000 steps of `small`); the rest element by element.
+    first_pass, skip_windows = 0, skip_steps * data.global_batch_size
+    per_pass = windows_per_pass(data, length) if skip_windows else None
+    if per_pass:
+        first_pass, skip_windows = divmod(skip_windows % (per_pass * _PASSES), per_pass)
 
     def dataset_fn(input_context: Optional[tf.distribute.InputContext] = None):
         ctx = input_context or tf.distribute.InputContext()
@@ -278,16 +293,10 @@ def make_dataset_fn(run: config_lib.RunConfig, skip_steps: int = 0) -> Callable:
         # reshuffle_each_iteration the order would then differ from default.)
         passes = [examples.shuffle(data.shuffle_buffer, seed=data.seed * _SEED_STRIDE + p,
                                    reshuffle_each_iteration=False) for p in range(_PASSES)]
-        # Whole passes are skipped by starting at a later one (a skip reads every element
-        # it skips: 7.5 s for 10,000 steps of `small`); the rest element by element.
-        skip, per_pass = skip_steps * data.global_batch_size, windows_per_pass(data, length)
-        first = 0
-        if per_pass:
-            first, skip = divmod(skip % (per_pass * _PASSES), per_pass)
-        passes = passes[first:] + passes[:first]
+        passes = passes[first_pass:] + passes[:first_pass]
         ds = functools.reduce(lambda a, b: a.concatenate(b), passes).repeat()
-        if skip:
-            ds = ds.skip(skip)
+        if skip_windows:
+            ds = ds.skip(skip_windows)
         if ctx.num_input_pipelines > 1:
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
         batch = ctx.get_per_replica_batch_size(data.global_batch_size)
