@@ -119,9 +119,9 @@ class MultiWorkerAdapter(base.StrategyAdapter):
         `backup_step` is this worker's (-1: no backup); `refused`, whether this worker
         refuses to resume it (it raises its own error after this check).
 
-        Raises (on every worker alike):
-          ValueError: if the workers would restore different steps, or (on the workers
-            that did not refuse) if another worker refused.
+        Raises (on every worker that did not refuse):
+          ValueError: if another worker refused, or if the workers would restore
+            different steps.
         """
         if self.num_workers <= 1:
             return
@@ -129,6 +129,16 @@ class MultiWorkerAdapter(base.StrategyAdapter):
             tf.constant([[backup_step, int(refused)]], tf.int64), axis=0)
         gathered = tf.function(lambda: self.strategy.run(gather))()  # eager `run` warns of overhead
         steps, refusals = zip(*self.strategy.experimental_local_results(gathered)[0].numpy().tolist())
+        if refused:
+            return  # this worker raises its own error
+        if any(refusals):
+            per_worker = len(refusals) // self.num_workers  # replicas (e.g. GPUs) per worker
+            refusing = ", ".join(str(w) for w in sorted({i // per_worker for i, r in enumerate(refusals) if r}))
+            raise ValueError(
+                f"multi_worker: another worker refused to resume --model_dir's run (its error says "
+                f"why), so no worker trains. Received: a refusal from worker {refusing}; accepted: "
+                f"the same flags on every worker, matching the saved run's config.json, or a new "
+                f"--model_dir.")
         if len(set(steps)) > 1:
             raise ValueError(
                 f"multi_worker: the workers would resume from different steps of --model_dir's backup, so "
@@ -136,13 +146,6 @@ class MultiWorkerAdapter(base.StrategyAdapter):
                 f"{', '.join(str(step) if step >= 0 else 'none' for step in steps)} (one per replica, "
                 f"in worker order); accepted: one --model_dir that every worker reads (a shared "
                 f"filesystem, as for Keras's BackupAndRestore), or a new --model_dir.")
-        if any(refusals) and not refused:
-            refusing = ", ".join(str(i) for i, r in enumerate(refusals) if r)
-            raise ValueError(
-                f"multi_worker: another worker refused to resume --model_dir's run (its error says "
-                f"why), so no worker trains. Received: a refusal from replica {refusing} (in worker "
-                f"order); accepted: the same flags on every worker, matching the saved run's "
-                f"config.json, or a new --model_dir.")
 
     def describe(self) -> str:
         task = f"{self.cluster.task_type}:{self.cluster.task_index}" if self.cluster else "local"

@@ -488,7 +488,7 @@ class MultiWorkerProcessTest(absltest.TestCase):
         self.assertIn("[worker 0] tfpar: error: --model_dir holds a run that read other data or trained with "
                       "other settings, so this run cannot resume it. Received: learning_rate=0.5", out.getvalue())
         self.assertIn("[worker 1] tfpar: error: multi_worker: another worker refused to resume --model_dir's "
-                      "run (its error says why), so no worker trains. Received: a refusal from replica 0",
+                      "run (its error says why), so no worker trains. Received: a refusal from worker 0;",
                       out.getvalue())
 
     def test_killed_worker_fails_fast_and_rerun_resumes_exactly(self):

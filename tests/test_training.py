@@ -47,6 +47,32 @@ class StepRecorderTest(absltest.TestCase):
         self.assertAlmostEqual(recorder.tokens_per_second, 1000.0)
 
 
+class TrainingScalarsTest(absltest.TestCase):
+
+    def test_tokens_per_second_counts_the_steps_of_each_window(self):
+        """A run resumed at step 6 logs at step 10 after 4 steps of work, not 10."""
+        log_dir = self.create_tempdir().full_path
+        scalars = callbacks_lib.TrainingScalars(log_dir, tokens_per_step=100, devices=["/cpu:0"],
+                                                every_steps=10, initial_step=6)
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        scalars.set_model(model)
+        clock = iter([0.0, 2.0, 12.0, 20.0])  # fit 1 begins; step 10 at 2 s; step 20 at 12 s; fit 2 begins
+        with mock.patch.object(callbacks_lib.time, "perf_counter", lambda: next(clock)):
+            scalars.on_train_begin()
+            for step in range(14):
+                scalars.on_train_batch_end(step, {"step_loss": 1.0})
+            scalars.on_train_end()
+            scalars.on_train_begin()  # a second fit call: a new window from its own start
+            scalars.on_train_end()
+        logged = {event.step: float(tf.make_ndarray(value.tensor))
+                  for path in tf.io.gfile.glob(f"{log_dir}/events.*")
+                  for event in tf.compat.v1.train.summary_iterator(path)
+                  for value in event.summary.value if value.tag == "tokens_per_second"}
+        self.assertEqual(logged, {10: 4 * 100 / 2.0, 20: 10 * 100 / 10.0})
+        self.assertEqual((scalars.step, scalars.window_start_step), (20, 20))
+
+
 class PrecisionPolicyTest(TestCase):
 
     def test_train_leaves_the_callers_policy(self):

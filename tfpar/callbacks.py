@@ -101,10 +101,11 @@ class TrainingScalars(keras.callbacks.Callback):
         self.every_steps = every_steps
         self.step = initial_step
         self.window_start: Optional[float] = None
+        self.window_start_step = initial_step
 
     def on_train_begin(self, logs=None):
         self.writer = self.tf.summary.create_file_writer(self.log_dir)
-        self.window_start = time.perf_counter()
+        self.window_start, self.window_start_step = time.perf_counter(), self.step
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1  # no host read of the step counter on every step
@@ -114,7 +115,8 @@ class TrainingScalars(keras.callbacks.Callback):
         now = time.perf_counter()
         scalars = {"step_loss": float((logs or {}).get("step_loss", math.nan)),
                    "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-                   "tokens_per_second": self.every_steps * self.tokens_per_step / (now - self.window_start),
+                   "tokens_per_second": ((step - self.window_start_step) * self.tokens_per_step
+                                         / (now - self.window_start)),
                    "memory/host_rss_mb": psutil.Process().memory_info().rss / 2**20}
         for device in self.accelerators:
             try:
@@ -125,7 +127,7 @@ class TrainingScalars(keras.callbacks.Callback):
         with self.writer.as_default(step=step):
             for name, value in scalars.items():
                 self.tf.summary.scalar(name, value)
-        self.window_start = now
+        self.window_start, self.window_start_step = now, step
 
     def on_train_end(self, logs=None):
         self.writer.close()

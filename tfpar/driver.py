@@ -115,11 +115,15 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             # Every worker checks the saved run, and all learn whether any refused, before the
             # restore: a restore (or a refusal) on some workers only would leave the others
             # waiting in collectives.
-            backup_step = backup.latest_step()
-            refusal = _resume_refusal(run) if backup_step > 0 else None
-            adapter.check_resume_step(backup_step, refused=refusal is not None)
-            if refusal:
-                raise ValueError(refusal)
+            try:
+                backup_step = backup.latest_step()
+                refusal = _resume_refusal(run) if backup_step > 0 else None
+                error = ValueError(refusal) if refusal else None
+            except (ValueError, OSError) as e:  # e.g. an unreadable config.json or text file
+                backup_step, error = -1, e
+            adapter.check_resume_step(backup_step, refused=error is not None)
+            if error:
+                raise error
             with adapter.scope():  # the optimizer may build its slots here
                 start_step = backup.restore()
             # Written once the resume is accepted (a refused rerun leaves the model_dir as it

@@ -33,10 +33,10 @@ def export(model: keras.Model, export_dir: str) -> str:
 
     vocab = single.model_config.vocab_size
 
-    def checked(tokens, lengths):
+    def checked(tokens, lengths, name="tokens"):
         """Bad input fails with what was accepted; unchecked, a GPU gathers zeros silently."""
         return [tf.debugging.assert_equal(tf.shape(lengths)[0], tf.shape(tokens)[0], message=(
-                    "serve: lengths must have one entry per row of tokens")),
+                    f"serve: lengths must have one entry per row of {name}")),
                 tf.debugging.assert_greater_equal(lengths, 1, message=(
                     f"serve: lengths must be in [1, {length}] (the count of real tokens in each row)")),
                 tf.debugging.assert_less_equal(lengths, length, message=(
@@ -57,7 +57,7 @@ def export(model: keras.Model, export_dir: str) -> str:
         archive.add_endpoint("serve", serve_gpt, input_signature=[tokens_spec, lengths_spec])
     else:  # seq2seq: the decoder's next token given the whole encoder input
         def serve_seq2seq(encoder_tokens, tokens, lengths):
-            checks = checked(tokens, lengths) + checked(encoder_tokens, lengths)
+            checks = checked(tokens, lengths) + checked(encoder_tokens, lengths, "encoder_tokens")
             with tf.control_dependencies(checks):
                 logits = single({"encoder_tokens": encoder_tokens, "decoder_tokens": tokens}, training=False)
                 return next_token(logits, lengths)
