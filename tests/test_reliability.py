@@ -16,6 +16,7 @@ import h5py
 from tests.testbase import (REPO_ROOT, TestCase, absltest, keras, np, parameterized, run_cli, tf, tiny_run,
                             weights_of)
 from tfpar import config as config_lib
+from tfpar import data as data_lib
 from tfpar import driver
 from tfpar import export as export_lib
 from tfpar import generate
@@ -211,6 +212,17 @@ class ResumeTest(TestCase):
                                                 r"data_source='text sha1:[0-9a-f]{16}' as in"):
             self.train(run(4))
 
+    def test_a_resume_under_another_pythons_builtin_text_is_refused(self):
+        """pydoc's topics change between Python releases: the builtin corpus is hashed too."""
+        work = self.create_tempdir().full_path
+        self.train(tiny_run(model_dir=work, steps=2))
+        data_lib._builtin_digest.cache_clear()  # pylint: disable=protected-access
+        self.addCleanup(data_lib._builtin_digest.cache_clear)  # pylint: disable=protected-access
+        with mock.patch.object(data_lib, "_builtin_text", return_value="another Python's topics " * 400):
+            with self.assertRaisesRegex(ValueError, r"Received: data_source='tfpar_text 1.1.0 sha1:[0-9a-f]{16}'; "
+                                                    r"accepted: data_source='tfpar_text 1.1.0 sha1:[0-9a-f]{16}'"):
+                self.train(tiny_run(model_dir=work, steps=4))
+
     def test_a_damaged_backup_is_a_one_line_error_and_the_one_before_can_be_used(self):
         work = self.create_tempdir().full_path
         self.train(tiny_run(model_dir=work, steps=4, backup_every_steps=2))
@@ -229,7 +241,8 @@ class ResumeTest(TestCase):
             self.train(tiny_run(model_dir=work, steps=4, epochs=3, backup_every_steps=2))
 
     def test_a_backup_written_before_tfpar_counted_steps_resumes(self):
-        """Backups without `steps_done` (and configs with the old default warmup, 20) still resume."""
+        """Backups without `steps_done` (and configs with the old default warmup, 20, and no hash
+        of the builtin text) still resume."""
         work = self.create_tempdir().full_path
         first = self.train(tiny_run(model_dir=work, steps=2, warmup_steps=None))
         for path in tf.io.gfile.glob(f"{work}/backup/ckpt-2.*"):
@@ -239,7 +252,7 @@ class ResumeTest(TestCase):
         with open(f"{work}/config.json") as f:
             saved = json.load(f)
         with open(f"{work}/config.json", "w") as f:
-            json.dump({**saved, "warmup_steps": 20}, f)
+            json.dump({**saved, "warmup_steps": 20, "data_source": "tfpar_text 1.1.0"}, f)  # before the hash
         resumed = self.train(tiny_run(model_dir=work, steps=2, epochs=2, warmup_steps=None))
         self.assertEqual(resumed.metrics["resumed_from_step"], 2)
         self.assertLen(resumed.metrics["step_losses"], 2)

@@ -42,6 +42,12 @@ class TextConfig(tfds.core.BuilderConfig):
         self.path = path
 
 
+@functools.lru_cache(maxsize=1)
+def _builtin_digest() -> str:
+    """The builtin text's content hash: pydoc's topics change between Python releases."""
+    return hashlib.sha1(_builtin_text().encode("utf-8")).hexdigest()[:16]
+
+
 def _builtin_text() -> str:
     from pydoc_data import topics  # pylint: disable=import-outside-toplevel
     return "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
@@ -92,12 +98,12 @@ def _prepared(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core
 
 
 def source_version(data: config_lib.DataConfig) -> str:
-    """What the data source holds now: the content hash of a text file, the builder
-    version of the builtin corpus, the TFDS name otherwise (a resume compares it)."""
+    """What the data source holds now: the content hash of a text file or of this
+    Python's builtin text, the TFDS name otherwise (a resume compares it)."""
     kind, _, arg = data.dataset.partition(":")
     if kind == "text":
         return f"text sha1:{_file_digest(arg)}"
-    return f"tfpar_text {_VERSION}" if kind == "builtin" else data.dataset
+    return f"tfpar_text {_VERSION} sha1:{_builtin_digest()}" if kind == "builtin" else data.dataset
 
 
 def _file_digest(path: str) -> str:
@@ -119,8 +125,10 @@ def _content_digest(path: str, size: int, mtime_ns: int) -> str:
 def _text_builder(data: config_lib.DataConfig) -> TfparText:
     """The prepared `tfpar_text` builder of a builtin or text:PATH source."""
     kind, _, arg = data.dataset.partition(":")
-    builder_config = None
-    if kind == "text":  # prepared once per content: an edited file is prepared again
+    # Prepared once per content, in a directory named by its hash: another Python's
+    # pydoc text, or an edited file, is prepared again.
+    builder_config = TextConfig(name=f"builtin_{_builtin_digest()}")
+    if kind == "text":
         if not os.path.getsize(arg):  # TFDS refuses to prepare a split without examples
             raise ValueError(
                 f"--dataset holds no text. Received: dataset={data.dataset!r}, an empty file; "

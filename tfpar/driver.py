@@ -187,6 +187,8 @@ def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
     for config in (current, saved):  # the default warmup was written as 20 before it became None
         if config.get("warmup_steps") is None:
             config["warmup_steps"] = config_lib.DEFAULT_WARMUP_STEPS
+    if current["data_source"].startswith(f"{saved.get('data_source')} sha1:"):
+        saved["data_source"] = current["data_source"]  # saved before the builtin text's hash was
     compared = [(current["data"], saved.get("data", {}), [k for k in current["data"] if k != "data_dir"]),
                 (current["model"], saved.get("model", {}), list(current["model"])),
                 (current, saved, (*_RESUMED_SETTINGS, "data_source"))]
