@@ -12,6 +12,7 @@ after the shuffle, so that the union of the workers' k-th batches is exactly
 the k-th global batch of a single pipeline, then batched per replica.
 """
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -57,7 +58,9 @@ class TfparText(tfds.core.GeneratorBasedBuilder):
     """Plain text cut into records of 4 KB; one `train` split."""
 
     VERSION = tfds.core.Version(_VERSION)
-    BUILDER_CONFIGS = [TextConfig(name="builtin", description="pydoc_data.topics")]
+    # Prepared once per content, in a directory named by its hash: another Python's pydoc
+    # text (it changes between releases), or an edited file, is prepared again.
+    BUILDER_CONFIGS = [TextConfig(name=f"builtin_{_builtin_digest()}", description="pydoc_data.topics")]
     RELEASE_NOTES = {"1.1.0": "Records in file order (TFDS shuffled them on write, so about 1 window "
                               "in 32 joined two unrelated 4 KB records)."}
 
@@ -79,6 +82,17 @@ class TfparText(tfds.core.GeneratorBasedBuilder):
             data = _builtin_text().encode("utf-8")
         for i in range(0, len(data), _RECORD_BYTES):
             yield i, {"text": data[i:i + _RECORD_BYTES]}
+
+
+@contextlib.contextmanager
+def _tfds_warnings_off():
+    """absl warnings (TFDS logs through absl) off within the block."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _prepared(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
@@ -125,16 +139,15 @@ def _content_digest(path: str, size: int, mtime_ns: int) -> str:
 def _text_builder(data: config_lib.DataConfig) -> TfparText:
     """The prepared `tfpar_text` builder of a builtin or text:PATH source."""
     kind, _, arg = data.dataset.partition(":")
-    # Prepared once per content, in a directory named by its hash: another Python's
-    # pydoc text, or an edited file, is prepared again.
-    builder_config = TextConfig(name=f"builtin_{_builtin_digest()}")
+    builder_config = TfparText.BUILDER_CONFIGS[0]
     if kind == "text":
         if not os.path.getsize(arg):  # TFDS refuses to prepare a split without examples
             raise ValueError(
                 f"--dataset holds no text. Received: dataset={data.dataset!r}, an empty file; "
                 f"accepted: a file with at least --seq_len + 1 bytes.")
         builder_config = TextConfig(name=f"file_{_file_digest(arg)}", path=arg)
-    return _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
+    with _tfds_warnings_off():  # "Using custom data configuration" for every text file
+        return _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
 
 
 def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
@@ -147,11 +160,10 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
     kind, _, arg = data.dataset.partition(":")
     if kind in ("builtin", "text"):
         return _text_builder(data).as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # TFDS warns about each version folder it cannot read
     try:
-        builder = tfds.builder(arg, data_dir=data.data_dir)
-        prepared = builder.is_prepared()
+        with _tfds_warnings_off():  # TFDS warns about each version folder it cannot read
+            builder = tfds.builder(arg, data_dir=data.data_dir)
+            prepared = builder.is_prepared()
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"--dataset: unknown TFDS dataset. Received: dataset={data.dataset!r}; "
@@ -161,8 +173,6 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
         raise ValueError(
             f"--dataset: TFDS cannot build it ({reason}). Received: dataset={data.dataset!r}; "
             "accepted: tfds:NAME[/CONFIG][:VERSION] that TFDS knows.") from None
-    finally:
-        logging.set_verbosity(verbosity)
     if data.data_dir and not prepared:  # with --data_dir nothing is downloaded
         raise ValueError(
             f"--dataset: TFDS dataset not prepared in --data_dir. Received: "
