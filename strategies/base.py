@@ -7,6 +7,7 @@ import keras
 import tensorflow as tf
 
 from tfpar import config as config_lib
+from tfpar import devices as devices_lib
 from tfpar import training
 
 
@@ -37,8 +38,9 @@ class StrategyAdapter:
 
     @property
     def devices(self) -> List[str]:
+        # Without a strategy TF places ops on the first GPU if there is one (CPU:0 is listed first).
         return list(self.strategy.extended.worker_devices) if self.strategy else [
-            tf.config.list_logical_devices()[0].name]
+            tf.config.list_logical_devices(devices_lib.accelerator_kind())[0].name]
 
     @property
     def is_chief(self) -> bool:

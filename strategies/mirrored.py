@@ -34,6 +34,12 @@ class MirroredAdapter(base.StrategyAdapter):
             raise ValueError(  # TF would fail at the first all-reduce: no NcclAllReduce kernel
                 f"--cross_device_ops=nccl needs GPUs only. Received: devices={resolved}; "
                 f"accepted: --cross_device_ops=auto, hierarchical_copy or reduction_to_one_device.")
+        if cross_device_ops_name == "hierarchical_copy" and len(resolved) % 2:
+            # TF splits the devices into two groups of n // 2: an odd device's gradients are dropped.
+            raise ValueError(
+                f"--cross_device_ops=hierarchical_copy needs an even number of devices (TF's "
+                f"reduction leaves out the last of an odd number). Received: {len(resolved)} devices; "
+                f"accepted: an even number, or --cross_device_ops=auto or reduction_to_one_device.")
         self.strategy = tf.distribute.MirroredStrategy(
             devices=resolved, cross_device_ops=cross_device_ops(cross_device_ops_name))
 

@@ -455,12 +455,17 @@ class ExportAndPlanTest(TestCase):
     def test_plan_only_prints_the_plan_and_does_not_train(self):
         result = run_cli("tfpar.train", "--plan_only", "--strategy=mirrored", "--num_virtual_devices=2",
                          "--model_size=tiny", "--global_batch_size=8", "--grad_accum_steps=2",
-                         f"--data_dir={self.data_dir}", timeout=120)
+                         f"--data_dir={self.data_dir}", f"--metrics_json={self.create_tempdir().full_path}/plan.json",
+                         timeout=120)
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
         for text in ("num_replicas: 2", "per_replica_batch_size: 4", "micro_batch_size: 2",
                      "per_device_param_bytes", "estimated_activation_bytes_per_replica"):
             self.assertIn(text, result.stdout)
         self.assertNotIn("Epoch", result.stdout)
+        metrics_json = re.search(r"--metrics_json=(\S+)", " ".join(result.args)).group(1)
+        with open(metrics_json) as f:
+            plan = json.load(f)["plan"]  # the plan, as printed
+        self.assertEqual((plan["num_replicas"], plan["per_replica_batch_size"], plan["micro_batch_size"]), (2, 4, 2))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,20 @@ class TrainingScalarsTest(absltest.TestCase):
         self.assertEqual((scalars.step, scalars.window_start_step), (20, 20))
 
 
+class DefaultDeviceTest(absltest.TestCase):
+
+    def test_default_reports_the_gpu_where_there_is_one(self):
+        """TF lists CPU:0 first on a GPU machine, but places ops on GPU:0."""
+        from tfpar import devices as devices_lib  # pylint: disable=import-outside-toplevel
+        listed = {"CPU": [types.SimpleNamespace(name="/device:CPU:0")],
+                  "GPU": [types.SimpleNamespace(name="/device:GPU:0")]}
+        with mock.patch.object(devices_lib, "accelerator_kind", return_value="GPU"), \
+                mock.patch.object(tf.config, "list_logical_devices",
+                                  lambda kind=None: listed.get(kind, listed["CPU"] + listed["GPU"])):
+            self.assertEqual(strategies.get("default").devices, ["/device:GPU:0"])
+        self.assertEqual(strategies.get("default").devices, ["/device:CPU:0"])
+
+
 class PrecisionPolicyTest(TestCase):
 
     def test_train_leaves_the_callers_policy(self):

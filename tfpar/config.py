@@ -311,6 +311,10 @@ class RunConfig:
             positive("warmup_steps", self.warmup_steps, allow_zero=True)
         positive("backup_every_steps", self.backup_every_steps, allow_zero=True)
         valid_seed("seed", self.seed)
+        if self.plan_only and self.export_dir:
+            raise ValueError(
+                f"--plan_only trains nothing, so there is no model to export. Received: plan_only=True, "
+                f"export_dir={self.export_dir!r}; accepted: --plan_only without --export_dir.")
         if self.verbose not in (0, 1, 2):  # Keras takes any int (above 2 as 2): not silently here
             raise ValueError(
                 f"--verbose: unknown value. Received: verbose={self.verbose}; accepted: 0 (silent), "

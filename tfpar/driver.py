@@ -101,7 +101,9 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
         if run.verbose or run.plan_only:
             plan = plan_lib.make_plan(run, adapter, model)
             print(plan_lib.format_plan(plan), flush=True)
-            if run.plan_only:
+            if run.plan_only:  # the plan is what --metrics_json holds then
+                if run.metrics_json and adapter.is_chief:
+                    write_json(run.metrics_json, {"plan": plan})
                 return TrainResult(metrics={"plan": plan}, model=model)
         recorder = callbacks_lib.StepRecorder(run.data.global_batch_size * model.tokens_per_example())
         callbacks = [recorder, *extra_callbacks]
