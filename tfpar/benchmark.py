@@ -160,12 +160,12 @@ def train_flags(run: config_lib.RunConfig, steps: int) -> List[str]:
             "--epochs=1", f"--optimizer={run.optimizer}", f"--learning_rate={run.learning_rate}",
             f"--mixed_precision={run.mixed_precision}", f"--grad_accum_steps={run.grad_accum_steps}",
             f"--jit_compile={run.jit_compile}", f"--seed={run.seed}",
-            f"--weight_decay={run.weight_decay}",
             f"--deterministic={run.deterministic}", f"--communication={run.parallel.communication}",
             f"--grad_reduce_dtype={run.parallel.grad_reduce_dtype}",
             f"--dataset={run.data.dataset}", "--verbose=0"] + (
                 [f"--data_dir={run.data.data_dir}"] if run.data.data_dir else []) + (
-                [f"--warmup_steps={run.warmup_steps}"] if run.warmup_steps is not None else [])
+                [f"--warmup_steps={run.warmup_steps}"] if run.warmup_steps is not None else []) + (
+                [f"--weight_decay={run.weight_decay}"] if run.weight_decay is not None else [])
 
 
 def config_from_dict(d: Dict[str, Any]) -> config_lib.RunConfig:

@@ -39,6 +39,7 @@ COMMUNICATIONS = ("auto", "ring", "nccl")
 GRAD_REDUCE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("gpipe", "1f1b")
 DEFAULT_WARMUP_STEPS = 20
+DEFAULT_WEIGHT_DECAY = 0.1  # AdamW's (nanoGPT's); SGD takes none
 
 # size -> (d_model, num_layers, num_heads, mlp_dim, default seq_len)
 MODEL_SIZES = {
@@ -283,7 +284,7 @@ class RunConfig:
     optimizer: str = "adamw"
     learning_rate: float = 2e-3
     warmup_steps: Optional[int] = None  # None: DEFAULT_WARMUP_STEPS, at most the run's steps - 1
-    weight_decay: float = 0.1
+    weight_decay: Optional[float] = None  # None: DEFAULT_WEIGHT_DECAY for AdamW
     steps_per_epoch: int = 50
     epochs: int = 4
     mixed_precision: str = "float32"
@@ -303,7 +304,13 @@ class RunConfig:
         choice("optimizer", self.optimizer, OPTIMIZERS)
         choice("mixed_precision", self.mixed_precision, PRECISIONS)
         positive("learning_rate", self.learning_rate)
-        positive("weight_decay", self.weight_decay, allow_zero=True)
+        if self.weight_decay is not None:
+            positive("weight_decay", self.weight_decay, allow_zero=True)
+            if self.optimizer == "sgd" and self.weight_decay:
+                raise ValueError(
+                    f"--weight_decay is AdamW's; tfpar's SGD takes none. Received: optimizer=sgd, "
+                    f"weight_decay={self.weight_decay}; accepted: --optimizer=adamw with --weight_decay, "
+                    f"or SGD without it.")
         positive("steps_per_epoch", self.steps_per_epoch)
         positive("epochs", self.epochs)
         positive("grad_accum_steps", self.grad_accum_steps)

@@ -186,9 +186,13 @@ def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
         saved = json.load(f)
     current = json.loads(json.dumps(dataclasses.asdict(run)))  # tuples as the JSON's lists
     current["data_source"] = data_lib.source_version(run.data)  # e.g. a text file edited since
-    for config in (current, saved):  # the default warmup was written as 20 before it became None
+    for config in (current, saved):  # defaults were written as values before they became None
         if config.get("warmup_steps") is None:
             config["warmup_steps"] = config_lib.DEFAULT_WARMUP_STEPS
+        if config.get("optimizer") == "sgd":  # SGD never applied a weight decay
+            config["weight_decay"] = None
+        elif config.get("weight_decay") is None:
+            config["weight_decay"] = config_lib.DEFAULT_WEIGHT_DECAY
     if current["data_source"].startswith(f"{saved.get('data_source')} sha1:"):
         saved["data_source"] = current["data_source"]  # saved before the builtin text's hash was
     compared = [(current["data"], saved.get("data", {}), [k for k in current["data"] if k != "data_dir"]),

@@ -52,7 +52,7 @@ flags.DEFINE_string("optimizer", "adamw", f"Optimizer: {', '.join(config_lib.OPT
 flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate (linear warmup, then cosine decay).")
 flags.DEFINE_integer("warmup_steps", None, "Steps of linear learning-rate warmup (default: 20, or the "
                      "run's steps - 1 when it has fewer; a given number is kept as given).")
-flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay.")
+flags.DEFINE_float("weight_decay", None, "AdamW's decoupled weight decay (default 0.1); SGD takes none.")
 flags.DEFINE_float("dropout", 0.0, "Dropout rate.")
 flags.DEFINE_string("mixed_precision", "float32", f"Precision policy: {', '.join(config_lib.PRECISIONS)}.")
 flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches whose gradients are summed per step.")

@@ -189,8 +189,10 @@ class TrainStep:
 
 
 def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
-                    warmup_steps: Optional[int], weight_decay: float) -> keras.optimizers.Optimizer:
+                    warmup_steps: Optional[int], weight_decay: Optional[float]) -> keras.optimizers.Optimizer:
     """AdamW (or SGD) with linear warmup then cosine decay to 10 % of the peak.
+
+    `weight_decay` None: `config.DEFAULT_WEIGHT_DECAY` for AdamW; SGD takes none.
 
     `warmup_steps` None: `config.DEFAULT_WARMUP_STEPS`, shortened for a run of fewer
     steps so that it reaches the peak; a given number is kept even if the run ends
@@ -205,7 +207,12 @@ def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
         decay_steps=max(total_steps - warmup, 1), alpha=0.1,
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     if name == "sgd":
+        if weight_decay:
+            raise ValueError(f"SGD takes no weight decay. Received: weight_decay={weight_decay}; "
+                             "accepted: None or 0.")
         return keras.optimizers.SGD(learning_rate=schedule)
+    if weight_decay is None:
+        weight_decay = config_lib.DEFAULT_WEIGHT_DECAY
     optimizer = keras.optimizers.AdamW(
         learning_rate=schedule, weight_decay=weight_decay, beta_1=0.9, beta_2=0.95)
     # Short names, which also match the tf.Variable names seen under tf.distribute.
