@@ -190,7 +190,8 @@ class TrainStep:
 
 def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
                     warmup_steps: Optional[int], weight_decay: Optional[float]) -> keras.optimizers.Optimizer:
-    """AdamW (or SGD) with linear warmup then cosine decay to 10 % of the peak.
+    """AdamW (or SGD) with linear warmup (lr × (step + 1) / (warmup + 1)) then cosine decay
+    to 10 % of the peak.
 
     `weight_decay` None: `config.DEFAULT_WEIGHT_DECAY` for AdamW; SGD takes none.
 
@@ -202,8 +203,10 @@ def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
         warmup = min(config_lib.DEFAULT_WARMUP_STEPS, max(total_steps - 1, 0))
     else:
         warmup = warmup_steps
+    # The warmup starts at lr / (warmup + 1), as nanoGPT's (it + 1) / (warmup + 1): from 0,
+    # Keras's default, the first step would leave the weights as they are.
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else learning_rate,
+        initial_learning_rate=learning_rate / (warmup + 1),
         decay_steps=max(total_steps - warmup, 1), alpha=0.1,
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     if name == "sgd":
