@@ -4,7 +4,7 @@
 Keras's own step in three ways that tf.distribute users need:
 
 * `grad_accum_steps=K` splits each replica's batch into K micro-batches and
-  sums their gradients before one `apply_gradients`, so the step equals one
+  averages their gradients before one `apply_gradients`, so the step equals one
   step on the whole batch. It never calls the optimizer inside a condition,
   which is what makes Keras's `gradient_accumulation_steps` raise under
   MirroredStrategy (keras-team/keras#17429).
@@ -142,7 +142,7 @@ class TrainStep:
         return split_microbatches(tree, k)
 
     def _accumulate(self, micro_fn, x, y) -> Tuple[tf.Tensor, list]:
-        """Sums micro_fn's (loss, grads) over micro-batches, one after another."""
+        """Averages micro_fn's (loss, grads) over micro-batches, run one after another."""
         k = self.grad_accum_steps
         total_loss, total_grads = None, None
         for mx, my in zip(self.split(x, k), self.split(y, k)):
