@@ -14,6 +14,35 @@ from tfpar import strategies
 from tfpar import training
 
 
+class ReplicaDropoutTest(TestCase):
+    """Each replica draws its own dropout masks, as DDP ranks do; the seed state advances as on
+    one device."""
+
+    @parameterized.parameters(False, True)
+    def test_replicas_draw_their_own_masks(self, jit_compile):
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5, seed=3), keras.layers.Dense(1)])
+            model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+        state = model.layers[0].seed_generator.state
+        before = state.value.values[0].numpy()
+        step = training.TrainStep(jit_compile=jit_compile)
+        x, y = tf.ones((4, 64)), tf.zeros((4, 1))  # the same examples on both replicas
+        losses = strategy.experimental_local_results(
+            tf.function(lambda: strategy.run(lambda: step(model, x, y)))())
+        self.assertNotAlmostEqual(float(losses[0]), float(losses[1]), places=4)  # other masks
+        after = [v.numpy() for v in state.value.values]
+        np.testing.assert_array_equal(after[0], after[1])
+        np.testing.assert_array_equal(after[0], before + [0, 1])  # one draw, as one device makes
+        # Replica 0 draws what one device draws from the same state.
+        single = keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5, seed=3), keras.layers.Dense(1)])
+        single.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+        single.set_weights(model.get_weights())
+        single.layers[0].seed_generator.state.assign(before)
+        alone = tf.function(lambda: training.TrainStep(jit_compile=jit_compile)(single, x, y))()
+        self.assertAlmostEqual(float(alone), float(losses[0]), places=5)
+
+
 class MirroredEquivalenceTest(TestCase):
 
     _reference = {}

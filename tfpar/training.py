@@ -70,6 +70,27 @@ def dense(grad):
     return tf.convert_to_tensor(grad) if grad is not None else None
 
 
+_REPLICA_SEED_STRIDE = 1_000_003
+
+
+def replica_seed_offsets(non_trainable: list) -> list:
+    """What to add to each non-trainable variable for this replica's forward pass: the
+    seed of every random generator (Dropout's) shifted by the replica's index, None elsewhere.
+
+    Keras's seed-generator state is one mirrored variable, so every replica would draw
+    the same dropout masks for its own examples (DDP seeds each rank apart). The offset
+    is taken off again after the step, so the state advances as on one device and
+    replica 0 draws what one device draws.
+    """
+    context = tf.distribute.get_replica_context()
+    if not tf.distribute.has_strategy() or context is None or num_replicas() == 1:
+        return [None] * len(non_trainable)
+    replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
+    return [tf.cast(tf.stack([replica * _REPLICA_SEED_STRIDE, tf.constant(0, tf.int64)]), v.dtype)
+            if v.name == "seed_generator_state" and tuple(v.shape) == (2,) else None
+            for v in non_trainable]
+
+
 class TrainStep:
     """Computes and applies one optimizer step; returns the replica's mean loss."""
 
@@ -95,19 +116,26 @@ class TrainStep:
         scale = loss_scale(model.optimizer)
         if self.jit_compile and not tf.distribute.has_strategy():
             return self._whole_step_compiled(model, x, y, scale)
+        non_trainable = model.non_trainable_variables
+        offsets = replica_seed_offsets(non_trainable)
         if self.jit_compile:
             grad_fn = self._compiled.get(id(model))
             if grad_fn is None:
                 grad_fn = tf.function(self._stateless_grads(model), jit_compile=True)
                 self._compiled[id(model)] = grad_fn
-            non_trainable = model.non_trainable_variables
             loss, grads, new_values = grad_fn(
-                [v.value for v in variables], [v.value for v in non_trainable], x, y, scale)
-            for var, value in zip(non_trainable, new_values):
-                var.assign(value)
+                [v.value for v in variables],
+                [v.value if o is None else v.value + o for v, o in zip(non_trainable, offsets)], x, y, scale)
+            for var, value, offset in zip(non_trainable, new_values, offsets):
+                var.assign(value if offset is None else value - offset)
         else:
+            seeds = [(var, offset) for var, offset in zip(non_trainable, offsets) if offset is not None]
+            for var, offset in seeds:
+                var.assign(var.value + offset)
             loss, grads = self._accumulate(
                 lambda mx, my: self._stateful_grads(model, mx, my, scale), x, y)
+            for var, offset in seeds:
+                var.assign(var.value - offset)
             grads = self._for_reduce(grads)  # grad_fn casts inside XLA
         model.optimizer.apply_gradients(zip(grads, variables))
         return loss
