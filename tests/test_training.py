@@ -169,6 +169,22 @@ class GradientReduceDtypeTest(TestCase):
         self.assertLossesClose(expected, losses, rtol=3e-4)  # 6.9e-5 measured (2026-11-27)
         self.assertFalse(np.allclose(losses, expected, rtol=1e-7, atol=0), losses)  # rounded gradients
 
+    def test_one_device_rounds_as_n_replicas_do(self):
+        """Without a strategy (the whole step under XLA, or not) the gradients are rounded too."""
+        run = tiny_run("default", optimizer="sgd", learning_rate=0.3)
+        x = tf.constant(np.random.default_rng(0).integers(0, 256, (8, 32)), tf.int32)
+        y = tf.roll(x, -1, axis=1)
+        for jit_compile in (False, True):
+            updated = {}
+            for dtype in ("float32", "bfloat16"):
+                keras.utils.set_random_seed(0)
+                model = driver.build_model(run, strategies.get("default"))
+                model.train_step_fn = training.TrainStep(jit_compile=jit_compile, reduce_dtype=dtype)
+                model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+                updated[dtype] = model.get_weights()
+            difference = max(float(np.abs(a - b).max()) for a, b in zip(updated["float32"], updated["bfloat16"]))
+            self.assertBetween(difference, 1e-7, 1e-2, jit_compile)  # rounded, and only rounded
+
     def test_refused_with_loss_scaling_and_other_dtypes(self):
         step = training.TrainStep(reduce_dtype="bfloat16")
         model = types.SimpleNamespace(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))

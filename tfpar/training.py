@@ -158,7 +158,7 @@ class TrainStep:
             def step(x, y, scale):
                 loss, grads = self._accumulate(
                     lambda mx, my: self._stateful_grads(model, mx, my, scale), x, y)
-                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+                optimizer.apply_gradients(zip(self._for_reduce(grads), model.trainable_variables))
                 return loss
             step_fn = tf.function(step, jit_compile=True)
             self._compiled[("whole", id(model))] = step_fn
