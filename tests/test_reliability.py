@@ -75,33 +75,10 @@ class ResumeTest(TestCase):
         for name in expected:
             np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
-    def test_an_interrupted_run_with_dropout_resumes_to_the_same_weights(self):
-        """The dropout layers' random state is backed up: the masks after a resume are the same."""
+    def assertResumesToTheSameWeights(self, run):
+        """Trains `run` straight, and interrupted after its backup of step 2 then resumed:
+        the same losses after step 2 and the same final weights."""
         work = self.create_tempdir().full_path
-        run = tiny_run(steps=4, backup_every_steps=2, model_dir=f"{work}/straight")
-        run = run.replace(model=dataclasses.replace(run.model, dropout=0.2))
-        straight = self.train(run.replace(model_dir=f"{work}/straight"))
-
-        def interrupt(batch, logs):
-            if batch == 2:  # after the backup of step 2
-                raise KeyboardInterrupt
-        with self.assertRaises(KeyboardInterrupt):
-            self.train(run.replace(model_dir=f"{work}/resumed"),
-                       extra_callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=interrupt)])
-        resumed = self.train(run.replace(model_dir=f"{work}/resumed"))
-        self.assertEqual(resumed.metrics["resumed_from_step"], 2)
-        self.assertLossesClose(straight.metrics["step_losses"][2:], resumed.metrics["step_losses"], rtol=1e-6)
-        for expected, actual in zip(straight.model.get_weights(), resumed.model.get_weights(), strict=True):
-            np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
-
-    @parameterized.named_parameters(
-        ("dtensor", "dtensor", 4, dict(mesh="batch:2,model:2")),
-        ("pipeline_1f1b", "pipeline", 2, dict(pipeline_stages=2, num_microbatches=2, pipeline_schedule="1f1b")))
-    def test_an_interrupted_run_resumes_to_the_same_weights_under(self, strategy, devices, parallel):
-        """Backups hold sharded (dtensor) and stage-placed (pipeline) variables and optimizer slots."""
-        work = self.create_tempdir().full_path
-        run = tiny_run(strategy, devices_count=devices, parallel=parallel, steps=4, backup_every_steps=2,
-                       model_dir=f"{work}/straight")
         straight = self.train(run.replace(model_dir=f"{work}/straight"))
         expected = weights_of(straight.model)
 
@@ -115,6 +92,22 @@ class ResumeTest(TestCase):
         self.assertEqual(resumed.metrics["resumed_from_step"], 2)
         self.assertLossesClose(straight.metrics["step_losses"][2:], resumed.metrics["step_losses"], rtol=1e-6)
         self.assertSameWeights(expected, resumed.model, rtol=1e-6, atol=1e-7)
+
+    def test_an_interrupted_run_with_dropout_resumes_to_the_same_weights(self):
+        """The dropout layers' random state is backed up: the masks after a resume are the same."""
+        run = tiny_run(steps=4, backup_every_steps=2, model_dir="unused")
+        self.assertResumesToTheSameWeights(run.replace(model=dataclasses.replace(run.model, dropout=0.2)))
+
+    @parameterized.named_parameters(
+        ("dtensor", "dtensor", 4, dict(mesh="batch:2,model:2"), 0.0),
+        ("pipeline_1f1b", "pipeline", 2, dict(pipeline_stages=2, num_microbatches=2, pipeline_schedule="1f1b"), 0.0),
+        ("mirrored_dropout", "mirrored", 2, {}, 0.2))  # each replica's own masks (ReplicaDropoutTest)
+    def test_an_interrupted_run_resumes_to_the_same_weights_under(self, strategy, devices, parallel, dropout):
+        """Backups hold sharded (dtensor) and stage-placed (pipeline) variables and optimizer slots,
+        and the dropout state that mirrored replicas offset during a step."""
+        run = tiny_run(strategy, devices_count=devices, parallel=parallel, steps=4, backup_every_steps=2,
+                       model_dir="unused")
+        self.assertResumesToTheSameWeights(run.replace(model=dataclasses.replace(run.model, dropout=dropout)))
 
     def test_steps_skipped_by_loss_scaling_count_as_trained(self):
         """mixed_float16's LossScaleOptimizer skips overflowing steps without advancing
