@@ -194,6 +194,22 @@ class FlagsToConfigTest(absltest.TestCase):
                          "dataset=tfds:lm1b (timed out); accepted: a TFDS dataset prepared in --data_dir "
                          "beforehand, or builtin or text:PATH (no network).\n")
 
+    def test_an_internal_value_error_is_not_reported_as_bad_input(self):
+        """tfpar's bad-input errors say what they received; any other ValueError is a bug and
+        keeps its traceback (exit 1), instead of reading like a bad flag."""
+        import io  # pylint: disable=import-outside-toplevel
+        from unittest import mock  # pylint: disable=import-outside-toplevel
+        from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+        from tfpar import devices, driver, train  # pylint: disable=import-outside-toplevel
+        bug = ValueError("Shapes (2,) and (3,) are incompatible")
+        with flagsaver.flagsaver(), mock.patch.object(driver, "train", side_effect=bug), \
+                mock.patch.object(devices, "configure_virtual_devices"), \
+                mock.patch("sys.stderr", io.StringIO()), self.assertRaises(ValueError) as raised:
+            train.FLAGS.unparse_flags()
+            train.FLAGS(["tfpar-train", "--strategy=default"])
+            train.main(["tfpar-train"])
+        self.assertIs(raised.exception, bug)
+
     def test_empty_strategy_options_from_python_are_not_given(self):
         from tfpar import config as config_lib  # pylint: disable=import-outside-toplevel
         parallel = config_lib.ParallelConfig(strategy="default", devices=[], stage_boundaries=[])

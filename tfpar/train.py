@@ -216,7 +216,11 @@ def main(argv):
         if run.parallel.strategy != "multi_worker":  # its strategy must start TF itself
             devices.configure_virtual_devices(run.parallel.num_virtual_devices, run.parallel.concurrent_devices)
         metrics = driver.train(run).metrics
-    except (ValueError, FloatingPointError) as e:
+    except FloatingPointError as e:
+        fail(str(e))
+    except ValueError as e:
+        if "Received:" not in str(e):  # not one of tfpar's bad-input errors: a bug, shown whole
+            raise
         fail(str(e))
     except ConnectionError as e:  # a TFDS download (an OSError too, but not a file's)
         fail(f"a download failed (no network?). Received: dataset={run.data.dataset} ({e}); accepted: "
