@@ -65,8 +65,8 @@ class TrainCliTest(TestCase):
         optimizer = training.build_optimizer(
             run_config["optimizer"], learning_rate=run_config["learning_rate"], total_steps=6,
             warmup_steps=run_config["warmup_steps"], weight_decay=run_config["weight_decay"])
-        for step in (3, 6):
-            optimizer.iterations.assign(step)
+        for step in (3, 6):  # the rate the step used: at iterations = step - 1, before its update
+            optimizer.iterations.assign(step - 1)
             self.assertAlmostEqual(scalars["learning_rate"][step], float(optimizer.learning_rate), places=7)
         for tag in ("tokens_per_second", "memory/host_rss_mb"):
             self.assertTrue(all(0 < value < 1e9 for value in scalars[tag].values()), (tag, scalars[tag]))

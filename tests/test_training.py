@@ -61,6 +61,7 @@ class TrainingScalarsTest(absltest.TestCase):
         with mock.patch.object(callbacks_lib.time, "perf_counter", lambda: next(clock)):
             scalars.on_train_begin()
             for step in range(14):
+                scalars.on_train_batch_begin(step)
                 scalars.on_train_batch_end(step, {"step_loss": 1.0})
             scalars.on_train_end()
             scalars.on_train_begin()  # a second fit call: a new window from its own start

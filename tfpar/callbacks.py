@@ -102,10 +102,15 @@ class TrainingScalars(keras.callbacks.Callback):
         self.step = initial_step
         self.window_start: Optional[float] = None
         self.window_start_step = initial_step
+        self.learning_rate = math.nan
 
     def on_train_begin(self, logs=None):
         self.writer = self.tf.summary.create_file_writer(self.log_dir)
         self.window_start, self.window_start_step = time.perf_counter(), self.step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.step + 1) % self.every_steps == 0:  # the rate this step uses (read after, it is the next's)
+            self.learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1  # no host read of the step counter on every step
@@ -114,7 +119,7 @@ class TrainingScalars(keras.callbacks.Callback):
             return
         now = time.perf_counter()
         scalars = {"step_loss": float((logs or {}).get("step_loss", math.nan)),
-                   "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                   "learning_rate": self.learning_rate,
                    "tokens_per_second": ((step - self.window_start_step) * self.tokens_per_step
                                          / (now - self.window_start)),
                    "memory/host_rss_mb": psutil.Process().memory_info().rss / 2**20}
