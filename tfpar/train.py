@@ -56,8 +56,9 @@ flags.DEFINE_float("weight_decay", None, "AdamW's decoupled weight decay (defaul
 flags.DEFINE_float("dropout", 0.0, "Dropout rate.")
 flags.DEFINE_string("mixed_precision", "float32", f"Precision policy: {', '.join(config_lib.PRECISIONS)}.")
 flags.DEFINE_integer("grad_accum_steps", 1, "Split each replica's batch into this many micro-batches, run "
-                     "one after another; their gradients are averaged into one update (the global batch stays --global_batch_size; "
-                     "Keras's gradient_accumulation_steps instead takes that many batches per update).")
+                     "one after another; their gradients are averaged into one update (the global batch "
+                     "stays --global_batch_size; Keras's gradient_accumulation_steps instead takes that "
+                     "many batches per update).")
 flags.DEFINE_bool("jit_compile", None, "Compile with XLA: the whole step without a strategy, the gradient "
                   "computation under one (default: on in float32 under default, mirrored and "
                   "multi_worker; dtensor and pipeline do not support it).")
