@@ -43,6 +43,36 @@ class ReplicaDropoutTest(TestCase):
         self.assertAlmostEqual(float(alone), float(losses[0]), places=5)
 
 
+class SummedGradientsTest(TestCase):
+    """The optimizer sees the gradients summed over replicas: clipping measures their
+    global norm and loss scaling checks them (Keras 3 does both per replica)."""
+
+    def test_clipping_measures_the_summed_gradient(self):
+        kwargs = dict(optimizer="sgd", learning_rate=0.3, grad_clip_norm=0.1)
+        clipped = self.train(tiny_run("default", **kwargs))
+        unclipped = self.train(tiny_run("default", **{**kwargs, "grad_clip_norm": 0.0}))
+        self.assertGreater(abs(clipped.metrics["step_losses"][-1] - unclipped.metrics["step_losses"][-1]), 0.1)
+        mirrored = self.train(tiny_run("mirrored", devices_count=4, **kwargs))
+        self.assertLossesClose(clipped.metrics["step_losses"], mirrored.metrics["step_losses"])
+        self.assertSameWeights(weights_of(clipped.model), mirrored.model)
+
+    def test_loss_scaling_skips_a_step_that_overflows_on_any_replica(self):
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+            model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+            model.optimizer.build(model.trainable_variables)
+        before = model.get_weights()
+        # Replica 1's examples overflow; replica 0's are fine.
+        x = strategy.experimental_distribute_values_from_function(
+            lambda context: tf.fill((2, 4), 1e30 * tf.cast(context.replica_id_in_sync_group, tf.float32) + 1.0))
+        step = training.TrainStep()
+        tf.function(lambda x: strategy.run(lambda x: step(model, x, tf.zeros((2, 1))), args=(x,)))(x)
+        for value, expected in zip(model.get_weights(), before):
+            np.testing.assert_array_equal(value, expected)  # skipped, not NaN
+        self.assertEqual(float(model.optimizer.dynamic_scale.numpy()), 2.0 ** 14)  # halved from 2**15
+
+
 class MirroredEquivalenceTest(TestCase):
 
     _reference = {}

@@ -19,6 +19,7 @@ from absl.testing import parameterized
 import numpy as np
 import psutil
 
+from tests.checkpoint_files import latest_backup_step
 from tfpar import cluster
 from tfpar import launch
 
@@ -511,10 +512,10 @@ class MultiWorkerProcessTest(absltest.TestCase):
                                         env=self.env, start_new_session=True)
         self.procs.append(launcher)
         deadline = time.monotonic() + TIMEOUT
-        backup = os.path.join(killed_dir, "backup", "ckpt-16.index")
-        while time.monotonic() < deadline and not os.path.exists(backup) and launcher.poll() is None:
+        backup = os.path.join(killed_dir, "backup")
+        while time.monotonic() < deadline and latest_backup_step(backup) < 16 and launcher.poll() is None:
             time.sleep(0.02)
-        self.assertTrue(os.path.exists(backup), "no backup appeared")
+        self.assertGreaterEqual(latest_backup_step(backup), 16, "no backup appeared")
         descendants = psutil.Process(launcher.pid).children(recursive=True)
         workers = {json.loads(p.environ()["TF_CONFIG"])["task"]["index"]: p
                    for p in descendants if "tfpar.train" in " ".join(p.cmdline())}

@@ -13,6 +13,7 @@ from unittest import mock
 
 import h5py
 
+from tests.checkpoint_files import latest_backup_step
 from tests.testbase import (REPO_ROOT, TestCase, absltest, keras, np, parameterized, run_cli, tf, tiny_run,
                             weights_of)
 from tfpar import config as config_lib
@@ -52,9 +53,9 @@ class ResumeTest(TestCase):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.time() + 240
-            while time.time() < deadline and not os.path.exists(f"{killed_dir}/backup/ckpt-4.index"):
+            while time.time() < deadline and latest_backup_step(f"{killed_dir}/backup") < 4:
                 time.sleep(0.05)
-            self.assertTrue(os.path.exists(f"{killed_dir}/backup/ckpt-4.index"), "no backup appeared")
+            self.assertGreaterEqual(latest_backup_step(f"{killed_dir}/backup"), 4, "no backup appeared")
             proc.send_signal(signal.SIGKILL)  # mid-epoch 1, before the last step
         finally:
             proc.kill()
@@ -172,7 +173,7 @@ class ResumeTest(TestCase):
         with open(f"{work}/config.json") as f:
             saved = f.read()
         for changes in (dict(global_batch_size=16), dict(seed=1), dict(optimizer="sgd"),
-                        dict(weight_decay=0.0), dict(learning_rate=1e-2)):
+                        dict(weight_decay=0.0), dict(learning_rate=1e-2), dict(grad_clip_norm=0.5)):
             run = tiny_run(model_dir=work, steps=4, **changes)
             if "seed" in changes:  # --seed sets both seeds, as tfpar-train does
                 run = run.replace(data=dataclasses.replace(run.data, seed=1))
@@ -185,6 +186,12 @@ class ResumeTest(TestCase):
             self.train(tiny_run(model_dir=work, steps=4, model="seq2seq"))
         with open(f"{work}/config.json") as f:
             self.assertEqual(f.read(), saved)
+        legacy = json.loads(saved)
+        del legacy["grad_clip_norm"]  # saved before tfpar clipped: those runs were not clipped
+        with open(f"{work}/config.json", "w") as f:
+            json.dump(legacy, f)
+        with self.assertRaisesRegex(ValueError, "Received: grad_clip_norm=1.0; accepted: grad_clip_norm=0.0 as in"):
+            self.train(tiny_run(model_dir=work, steps=4))
         os.remove(f"{work}/config.json")  # e.g. a backup older than config.json: the restore refuses
         with self.assertRaisesRegex(ValueError, "another run"):
             self.train(tiny_run(model_dir=work, steps=4, model="seq2seq"))
@@ -320,8 +327,8 @@ class NonFiniteLossTest(TestCase):
 
     def test_stops_at_the_first_non_finite_step_and_keeps_the_good_backup(self):
         work = self.create_tempdir().full_path
-        # Warmup from lr 0: the first steps are finite, then SGD at up to 1e9 blows up.
-        run = tiny_run(optimizer="sgd", learning_rate=1e9, warmup_steps=4, steps=8,
+        # The warmup's first steps are finite, then SGD at up to 1e9 blows up (not clipped).
+        run = tiny_run(optimizer="sgd", learning_rate=1e9, warmup_steps=4, steps=8, grad_clip_norm=0.0,
                        model_dir=work, backup_every_steps=1)
         counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: steps.append(batch))
         steps = []
@@ -360,7 +367,7 @@ class NonFiniteLossTest(TestCase):
 
     def test_cli_reports_the_step_in_one_line(self):
         result = run_cli("tfpar.train", "--strategy=default", "--model_size=tiny", "--optimizer=sgd",
-                         "--learning_rate=1e9", "--warmup_steps=0", "--steps_per_epoch=8", "--epochs=1",
+                         "--learning_rate=1e9", "--grad_clip_norm=0", "--warmup_steps=0", "--steps_per_epoch=8", "--epochs=1",
                          "--global_batch_size=8", "--verbose=0", f"--data_dir={self.data_dir}")
         self.assertEqual(result.returncode, 2)
         self.assertRegex(result.stderr.strip(), r"^tfpar: error: loss became non-finite at step \d+")

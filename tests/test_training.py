@@ -46,6 +46,14 @@ class StepRecorderTest(absltest.TestCase):
         self.assertAlmostEqual(recorder.step_seconds, 0.1)
         self.assertAlmostEqual(recorder.tokens_per_second, 1000.0)
 
+    def test_a_run_without_a_timed_step_reports_no_speed(self):
+        recorder = callbacks_lib.StepRecorder(tokens_per_step=100)
+        with mock.patch.object(callbacks_lib.time, "perf_counter", iter([0.0, 1.0]).__next__):
+            recorder.on_train_begin()
+            recorder.on_train_batch_end(0, {"step_loss": 1.0})  # the one step traces: not timed
+        self.assertIsNone(recorder.tokens_per_second)  # not 0 tokens/s
+        self.assertIsNone(recorder.step_seconds)
+
 
 class TrainingScalarsTest(absltest.TestCase):
 

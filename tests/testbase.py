@@ -25,7 +25,7 @@ from tfpar import config as config_lib  # noqa: E402
 from tfpar import devices  # noqa: E402
 
 NUM_DEVICES = 4
-ADAMW_ATOL = 1e-4  # see TestCase.assertSameWeights
+ADAMW_ATOL = 2e-4  # see TestCase.assertSameWeights
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -101,8 +101,11 @@ class TestCase(parameterized.TestCase):
         under Adam (nearly scale-free) wrong gradients of rarely seen rows. Adam turns
         the rounding noise of near-zero gradients (embedding rows of rare bytes) into
         updates that differ by up to ~1e-5 after 10 steps (summation order differs
-        between strategies and with the machine's load); AdamW runs pass ADAMW_ATOL,
-        still far below one step's update (~lr = 2e-3).
+        between strategies and with the machine's load); with gradient clipping, which
+        scales every gradient closer to Adam's epsilon, one embedding element of 16,384
+        differed by 1.05e-4 under dtensor `model:4` (2026-11-27; SGD on that mesh, clipped
+        too, agrees within 1e-6). AdamW runs pass ADAMW_ATOL, still a tenth of one
+        step's update (~lr = 2e-3).
         """
         actual = weights_of(model)
         self.assertEqual(sorted(actual), sorted(expected))

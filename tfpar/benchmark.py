@@ -97,7 +97,8 @@ def _plain_keras_fit(run: config_lib.RunConfig, adapter, steps: int, jit_compile
             model = keras.Model(inputs, state)
             optimizer = training.build_optimizer(
                 run.optimizer, learning_rate=run.learning_rate, total_steps=steps,
-                warmup_steps=run.warmup_steps, weight_decay=run.weight_decay)
+                warmup_steps=run.warmup_steps, weight_decay=run.weight_decay,
+                grad_clip_norm=run.grad_clip_norm)
             model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=jit_compile)
         dataset = data_lib.make_dataset_fn(run)(tf.distribute.InputContext())
         recorder = callbacks_lib.StepRecorder(tokens_per_step=0)
@@ -161,7 +162,7 @@ def train_flags(run: config_lib.RunConfig, steps: int) -> List[str]:
             f"--mixed_precision={run.mixed_precision}", f"--grad_accum_steps={run.grad_accum_steps}",
             f"--jit_compile={run.jit_compile}", f"--seed={run.seed}",
             f"--deterministic={run.deterministic}", f"--communication={run.parallel.communication}",
-            f"--grad_reduce_dtype={run.parallel.grad_reduce_dtype}",
+            f"--grad_reduce_dtype={run.parallel.grad_reduce_dtype}", f"--grad_clip_norm={run.grad_clip_norm}",
             f"--dataset={run.data.dataset}", "--verbose=0"] + (
                 [f"--data_dir={run.data.data_dir}"] if run.data.data_dir else []) + (
                 [f"--warmup_steps={run.warmup_steps}"] if run.warmup_steps is not None else []) + (

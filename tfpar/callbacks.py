@@ -49,16 +49,18 @@ class StepRecorder(keras.callbacks.Callback):
                 if i not in self._fit_starts]
 
     @property
-    def tokens_per_second(self) -> float:
-        """Throughput after the first `warmup_steps` steps."""
+    def tokens_per_second(self) -> Optional[float]:
+        """Throughput after the first `warmup_steps` steps; None when no step was timed
+        (a run of one step: it traces)."""
         timed = self._timed_steps()
         seconds = sum(timed)
-        return len(timed) * self.tokens_per_step / seconds if seconds > 0 else 0.0
+        return len(timed) * self.tokens_per_step / seconds if seconds > 0 else None
 
     @property
-    def step_seconds(self) -> float:
+    def step_seconds(self) -> Optional[float]:
+        """Mean seconds per timed step; None when no step was timed."""
         timed = self._timed_steps()
-        return sum(timed) / len(timed) if timed else 0.0
+        return sum(timed) / len(timed) if timed else None
 
 
 class FiniteEpochWeights(keras.callbacks.ModelCheckpoint):

@@ -285,6 +285,7 @@ class RunConfig:
     learning_rate: float = 2e-3
     warmup_steps: Optional[int] = None  # None: DEFAULT_WARMUP_STEPS, at most the run's steps - 1
     weight_decay: Optional[float] = None  # None: DEFAULT_WEIGHT_DECAY for AdamW
+    grad_clip_norm: float = 1.0  # the summed gradient's global norm is clipped to this; 0: no clipping
     steps_per_epoch: int = 50
     epochs: int = 4
     mixed_precision: str = "float32"
@@ -311,6 +312,7 @@ class RunConfig:
                     f"--weight_decay is AdamW's; tfpar's SGD takes none. Received: optimizer=sgd, "
                     f"weight_decay={self.weight_decay}; accepted: --optimizer=adamw with --weight_decay, "
                     f"or SGD without it.")
+        positive("grad_clip_norm", self.grad_clip_norm, allow_zero=True)
         positive("steps_per_epoch", self.steps_per_epoch)
         positive("epochs", self.epochs)
         positive("grad_accum_steps", self.grad_accum_steps)

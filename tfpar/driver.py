@@ -37,7 +37,8 @@ def build_model(run: config_lib.RunConfig, adapter) -> modeling.LanguageModel:
         adapter.prepare_model(model, run)
         optimizer = training.build_optimizer(
             run.optimizer, learning_rate=run.learning_rate, total_steps=run.total_steps,
-            warmup_steps=run.warmup_steps, weight_decay=run.weight_decay)
+            warmup_steps=run.warmup_steps, weight_decay=run.weight_decay,
+            grad_clip_norm=run.grad_clip_norm)
         model.compile(optimizer=optimizer, loss=modeling.loss_fn(), jit_compile=False)
         adapter.prepare_optimizer(model, run)
     return model
@@ -169,7 +170,8 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
 
 # What a resumed run must share with the run it continues, besides the data: the model
 # (shapes are checked by the restore, the rest is not) and how the optimizer steps.
-_RESUMED_SETTINGS = ("optimizer", "learning_rate", "warmup_steps", "weight_decay", "mixed_precision")
+_RESUMED_SETTINGS = ("optimizer", "learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm",
+                     "mixed_precision")
 
 
 def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
@@ -193,6 +195,7 @@ def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
             config["weight_decay"] = None
         elif config.get("weight_decay") is None:
             config["weight_decay"] = config_lib.DEFAULT_WEIGHT_DECAY
+        config.setdefault("grad_clip_norm", 0.0)  # runs saved before clipping was not clipped
     if current["data_source"].startswith(f"{saved.get('data_source')} sha1:"):
         saved["data_source"] = current["data_source"]  # saved before the builtin text's hash was
     compared = [(current["data"], saved.get("data", {}), [k for k in current["data"] if k != "data_dir"]),

@@ -53,6 +53,9 @@ flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate (linear warmup, th
 flags.DEFINE_integer("warmup_steps", None, "Steps of linear learning-rate warmup (default: 20, or the "
                      "run's steps - 1 when it has fewer; a given number is kept as given).")
 flags.DEFINE_float("weight_decay", None, "AdamW's decoupled weight decay (default 0.1); SGD takes none.")
+flags.DEFINE_float("grad_clip_norm", 1.0, "Clip the gradients to this global norm, measured on the "
+                   "gradients summed over all replicas, after accumulation (nanoGPT's and Megatron's "
+                   "default, 1.0); 0 turns clipping off.")
 flags.DEFINE_float("dropout", 0.0, "Dropout rate.")
 flags.DEFINE_string("mixed_precision", "float32", f"Precision policy: {', '.join(config_lib.PRECISIONS)}.")
 flags.DEFINE_integer("grad_accum_steps", 1, "Split each replica's batch into this many micro-batches, run "
@@ -141,7 +144,8 @@ def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None,
     return config_lib.RunConfig(
         model=model, data=data, parallel=parallel, optimizer=FLAGS.optimizer,
         learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
-        weight_decay=FLAGS.weight_decay, steps_per_epoch=FLAGS.steps_per_epoch, epochs=FLAGS.epochs,
+        weight_decay=FLAGS.weight_decay, grad_clip_norm=FLAGS.grad_clip_norm,
+        steps_per_epoch=FLAGS.steps_per_epoch, epochs=FLAGS.epochs,
         mixed_precision=FLAGS.mixed_precision, grad_accum_steps=FLAGS.grad_accum_steps,
         jit_compile=jit_compile, model_dir=expand_path(FLAGS.model_dir),
         backup_every_steps=FLAGS.backup_every_steps, metrics_json=expand_path(FLAGS.metrics_json),
@@ -239,8 +243,10 @@ def main(argv):
         print(f"tfpar: nothing to train: {run.model_dir} holds a run of {metrics['resumed_from_step']} "
               f"steps, and this one asks for {run.total_steps}.")
         return
+    speed = metrics["tokens_per_second"]
+    speed = f"{speed:,.0f} tokens/s" if speed is not None else "tokens/s not measured (the first step traces)"
     print(f"tfpar: final loss {metrics['final_loss']:.4f} (first {metrics['step_losses'][0]:.4f}); "
-          f"{metrics['tokens_per_second']:,.0f} tokens/s; {metrics['wall_seconds']:.1f} s", flush=True)
+          f"{speed}; {metrics['wall_seconds']:.1f} s", flush=True)
 
 
 def run_main():

@@ -13,6 +13,11 @@ Keras's own step in three ways that tf.distribute users need:
   `--grad-reduce-in-bf16`, Horovod's compression); Keras's optimizers cast
   them back to the variables' dtype for the update. The gradients are
   rounded even with one replica, so one worker computes what N do.
+* Under tf.distribute it sums the gradients over replicas itself, before the
+  optimizer sees them (`sum_over_replicas`), so the optimizer's global-norm
+  clipping and LossScaleOptimizer's finite check see the summed gradients.
+  Keras 3 clips and checks each replica's own gradients, before its
+  all-reduce (tensorflow/tensorflow#33929 on why that is wrong).
 * `jit_compile=True` under a strategy compiles only the gradient computation,
   as a pure function of the variables' values (`Layer.stateless_call`); the
   variables are read, all-reduced and updated outside XLA. Keras compiles the
@@ -91,6 +96,28 @@ def replica_seed_offsets(non_trainable: list) -> list:
             for v in non_trainable]
 
 
+def sum_over_replicas(optimizer, grads: list) -> list:
+    """The gradients summed over the strategy's replicas (in replica context), in one
+    all-reduce; as they are without a tf.distribute strategy.
+
+    The optimizer's own all-reduce is turned off for this optimizer only (an
+    instance attribute; Keras 3 has no public switch, where Keras 2 had
+    `experimental_aggregate_gradients`), so the gradients are summed once.
+    """
+    context = tf.distribute.get_replica_context()
+    if not tf.distribute.has_strategy() or context is None:
+        return grads
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # the one that all-reduces
+    if not hasattr(inner, "_all_reduce_sum_gradients"):
+        raise RuntimeError(  # a Keras release that renamed it would sum the gradients twice
+            f"{type(inner).__name__} has no _all_reduce_sum_gradients to turn off; tfpar's "
+            f"TrainStep needs a Keras 3 TF optimizer that has one.")
+    inner._all_reduce_sum_gradients = list  # pylint: disable=protected-access
+    present = [g for g in grads if g is not None]
+    summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present) if present else [])
+    return [None if g is None else next(summed) for g in grads]
+
+
 class TrainStep:
     """Computes and applies one optimizer step; returns the replica's mean loss."""
 
@@ -137,6 +164,7 @@ class TrainStep:
             for var, offset in seeds:
                 var.assign(var.value - offset)
             grads = self._for_reduce(grads)  # grad_fn casts inside XLA
+        grads = self._from_reduce(sum_over_replicas(model.optimizer, grads))
         model.optimizer.apply_gradients(zip(grads, variables))
         return loss
 
@@ -145,6 +173,13 @@ class TrainStep:
         if self.reduce_dtype == tf.float32:
             return grads
         return [tf.cast(g, self.reduce_dtype) if g is not None and g.dtype == tf.float32 else g
+                for g in grads]
+
+    def _from_reduce(self, grads: list) -> list:
+        """The summed gradients back in float32, so that clipping measures their norm in float32."""
+        if self.reduce_dtype == tf.float32:
+            return grads
+        return [tf.cast(g, tf.float32) if g is not None and g.dtype == self.reduce_dtype else g
                 for g in grads]
 
     def _whole_step_compiled(self, model, x, y, scale) -> tf.Tensor:
@@ -158,7 +193,8 @@ class TrainStep:
             def step(x, y, scale):
                 loss, grads = self._accumulate(
                     lambda mx, my: self._stateful_grads(model, mx, my, scale), x, y)
-                optimizer.apply_gradients(zip(self._for_reduce(grads), model.trainable_variables))
+                grads = self._from_reduce(self._for_reduce(grads))
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
                 return loss
             step_fn = tf.function(step, jit_compile=True)
             self._compiled[("whole", id(model))] = step_fn
@@ -217,9 +253,12 @@ class TrainStep:
 
 
 def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
-                    warmup_steps: Optional[int], weight_decay: Optional[float]) -> keras.optimizers.Optimizer:
+                    warmup_steps: Optional[int], weight_decay: Optional[float],
+                    grad_clip_norm: float = 0.0) -> keras.optimizers.Optimizer:
     """AdamW (or SGD) with linear warmup (lr × (step + 1) / (warmup + 1)) then cosine decay
-    to 10 % of the peak.
+    to 10 % of the peak, and the gradients' global norm clipped to `grad_clip_norm` (0: not
+    clipped). Under tf.distribute, the norm is the summed gradient's only when the step
+    sums them first, as `TrainStep` does; Keras's own step clips each replica's.
 
     `weight_decay` None: `config.DEFAULT_WEIGHT_DECAY` for AdamW; SGD takes none.
 
@@ -237,15 +276,16 @@ def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
         initial_learning_rate=learning_rate / (warmup + 1),
         decay_steps=max(total_steps - warmup, 1), alpha=0.1,
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
+    clip = grad_clip_norm or None
     if name == "sgd":
         if weight_decay:
             raise ValueError(f"SGD takes no weight decay. Received: weight_decay={weight_decay}; "
                              "accepted: None or 0.")
-        return keras.optimizers.SGD(learning_rate=schedule)
+        return keras.optimizers.SGD(learning_rate=schedule, global_clipnorm=clip)
     if weight_decay is None:
         weight_decay = config_lib.DEFAULT_WEIGHT_DECAY
     optimizer = keras.optimizers.AdamW(
-        learning_rate=schedule, weight_decay=weight_decay, beta_1=0.9, beta_2=0.95)
+        learning_rate=schedule, weight_decay=weight_decay, beta_1=0.9, beta_2=0.95, global_clipnorm=clip)
     # Short names, which also match the tf.Variable names seen under tf.distribute.
     optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias", "embeddings"])
     return optimizer
