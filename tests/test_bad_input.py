@@ -30,6 +30,7 @@ CASES = [
     ("negative_learning_rate", "tfpar.train", ["--learning_rate=-1"], None, ["learning_rate", "> 0"]),
     ("negative_weight_decay", "tfpar.train", ["--weight_decay=-0.1"], None, ["weight_decay", ">= 0"]),
     ("negative_grad_clip_norm", "tfpar.train", ["--grad_clip_norm=-1"], None, ["grad_clip_norm", ">= 0"]),
+    ("infinite_grad_clip_norm", "tfpar.train", ["--grad_clip_norm=inf"], None, ["grad_clip_norm=inf", "finite"]),
     ("sgd_with_weight_decay", "tfpar.train", ["--optimizer=sgd", "--weight_decay=0.1"], None, ["weight_decay=0.1", "SGD"]),
     ("builtin_with_an_argument", "tfpar.train", ["--dataset=builtin:corpus.txt"], None, ["builtin", "text:PATH"]),
     ("out_of_memory", "tfpar.train", ["--seq_len=600000", "--steps_per_epoch=1", "--epochs=1"], None, ["out of memory", "seq_len=600000"]),

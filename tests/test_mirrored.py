@@ -71,6 +71,8 @@ class SummedGradientsTest(TestCase):
         for value, expected in zip(model.get_weights(), before):
             np.testing.assert_array_equal(value, expected)  # skipped, not NaN
         self.assertEqual(float(model.optimizer.dynamic_scale.numpy()), 2.0 ** 14)  # halved from 2**15
+        # The optimizer's own all-reduce is on again for code other than TrainStep.
+        self.assertNotIn("_all_reduce_sum_gradients", vars(model.optimizer.inner_optimizer))
 
 
 class MirroredEquivalenceTest(TestCase):

@@ -8,6 +8,7 @@ flags.
 
 import dataclasses
 import difflib
+import math
 import os
 from typing import Optional, Tuple
 
@@ -312,6 +313,10 @@ class RunConfig:
                     f"--weight_decay is AdamW's; tfpar's SGD takes none. Received: optimizer=sgd, "
                     f"weight_decay={self.weight_decay}; accepted: --optimizer=adamw with --weight_decay, "
                     f"or SGD without it.")
+        if not math.isfinite(self.grad_clip_norm):  # Keras's clip would compute inf * 0: NaN gradients
+            raise ValueError(
+                f"--grad_clip_norm must be finite. Received: grad_clip_norm={self.grad_clip_norm}; "
+                f"accepted: a number >= 0 (0 turns clipping off).")
         positive("grad_clip_norm", self.grad_clip_norm, allow_zero=True)
         positive("steps_per_epoch", self.steps_per_epoch)
         positive("epochs", self.epochs)
@@ -341,8 +346,8 @@ class RunConfig:
                 f"accepted: a multiple of {replicas}.")
         if self.parallel.grad_reduce_dtype != "float32" and self.mixed_precision == "mixed_float16":
             raise ValueError(
-                f"--grad_reduce_dtype does not combine with loss scaling: mixed_float16 unscales the "
-                f"gradients in float32 before they are summed. Received: grad_reduce_dtype="
+                f"--grad_reduce_dtype=bfloat16 is not offered with mixed_float16's loss scaling (loss-"
+                f"scaled float16 gradients summed in bfloat16 are untested). Received: grad_reduce_dtype="
                 f"{self.parallel.grad_reduce_dtype}, mixed_precision={self.mixed_precision}; accepted: "
                 f"--mixed_precision=float32 or mixed_bfloat16, or --grad_reduce_dtype=float32.")
         if replicas and self.parallel.strategy == "pipeline":

@@ -15,7 +15,8 @@ Keras's own step in three ways that tf.distribute users need:
   rounded even with one replica, so one worker computes what N do.
 * Under tf.distribute it sums the gradients over replicas itself, before the
   optimizer sees them (`sum_over_replicas`), so the optimizer's global-norm
-  clipping and LossScaleOptimizer's finite check see the summed gradients.
+  clipping and LossScaleOptimizer's finite check see the summed gradients
+  (`summed_gradients` keeps the optimizer from summing them again).
   Keras 3 clips and checks each replica's own gradients, before its
   all-reduce (tensorflow/tensorflow#33929 on why that is wrong).
 * `jit_compile=True` under a strategy compiles only the gradient computation,
@@ -25,6 +26,7 @@ Keras's own step in three ways that tf.distribute users need:
   different device". Without a strategy the update is compiled too.
 """
 
+import contextlib
 from typing import Any, List, Optional, Tuple
 
 import keras
@@ -96,26 +98,44 @@ def replica_seed_offsets(non_trainable: list) -> list:
             for v in non_trainable]
 
 
-def sum_over_replicas(optimizer, grads: list) -> list:
-    """The gradients summed over the strategy's replicas (in replica context), in one
-    all-reduce; as they are without a tf.distribute strategy.
+def _in_replica_context() -> bool:
+    return tf.distribute.has_strategy() and tf.distribute.get_replica_context() is not None
 
-    The optimizer's own all-reduce is turned off for this optimizer only (an
-    instance attribute; Keras 3 has no public switch, where Keras 2 had
-    `experimental_aggregate_gradients`), so the gradients are summed once.
-    """
-    context = tf.distribute.get_replica_context()
-    if not tf.distribute.has_strategy() or context is None:
+
+def sum_over_replicas(grads: list) -> list:
+    """The gradients summed over the strategy's replicas (in replica context), in one
+    all-reduce; as they are without a tf.distribute strategy. Apply them under
+    `summed_gradients(optimizer)`, so that they are not summed again."""
+    if not _in_replica_context():
         return grads
+    present = [g for g in grads if g is not None]
+    summed = iter(tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, present)
+                  if present else [])
+    return [None if g is None else next(summed) for g in grads]
+
+
+@contextlib.contextmanager
+def summed_gradients(optimizer):
+    """Within it, `optimizer` applies the gradients it is given without its own all-reduce.
+
+    Keras 3 has no public switch (Keras 2 had `experimental_aggregate_gradients`): the
+    all-reduce is turned off on this optimizer instance only, while the step is traced,
+    and restored after. Every replica passes its all-reduce before the update's
+    merge_call completes, so no replica restores it while another still needs it off.
+    """
+    if not _in_replica_context():
+        yield
+        return
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # the one that all-reduces
     if not hasattr(inner, "_all_reduce_sum_gradients"):
         raise RuntimeError(  # a Keras release that renamed it would sum the gradients twice
             f"{type(inner).__name__} has no _all_reduce_sum_gradients to turn off; tfpar's "
             f"TrainStep needs a Keras 3 TF optimizer that has one.")
     inner._all_reduce_sum_gradients = list  # pylint: disable=protected-access
-    present = [g for g in grads if g is not None]
-    summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present) if present else [])
-    return [None if g is None else next(summed) for g in grads]
+    try:
+        yield
+    finally:
+        vars(inner).pop("_all_reduce_sum_gradients", None)
 
 
 class TrainStep:
@@ -135,7 +155,7 @@ class TrainStep:
 
     def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
         if self.reduce_dtype != tf.float32 and isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError(  # it unscales in float32 before the all-reduce: nothing would be halved
+            raise ValueError(  # loss-scaled float16 gradients summed in bfloat16: untested, not offered
                 f"reduce_dtype={self.reduce_dtype.name} does not combine with loss scaling. Received: "
                 f"optimizer={type(model.optimizer).__name__}; accepted: an optimizer without loss "
                 f"scaling, or reduce_dtype=float32.")
@@ -164,8 +184,9 @@ class TrainStep:
             for var, offset in seeds:
                 var.assign(var.value - offset)
             grads = self._for_reduce(grads)  # grad_fn casts inside XLA
-        grads = self._from_reduce(sum_over_replicas(model.optimizer, grads))
-        model.optimizer.apply_gradients(zip(grads, variables))
+        grads = self._from_reduce(sum_over_replicas(grads))
+        with summed_gradients(model.optimizer):
+            model.optimizer.apply_gradients(zip(grads, variables))
         return loss
 
     def _for_reduce(self, grads: list) -> list:
