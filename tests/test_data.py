@@ -3,6 +3,8 @@
 import dataclasses
 import os
 import socket
+import threading
+import time
 import urllib.request
 from unittest import mock
 
@@ -131,6 +133,21 @@ class DataTest(TestCase):
         with mock.patch.object(socket, "create_connection"), no_proxy, not_prepared, prepare, \
                 self.assertRaisesRegex(RuntimeError, "downloading"):  # a host answers
             data_lib.text_dataset(imdb)
+
+    def test_a_hanging_name_lookup_is_under_the_probes_timeout(self):
+        """getaddrinfo, which create_connection's timeout does not bound, can hang."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def hang(*args, **kwargs):
+            release.wait(30)
+            raise OSError("name lookup timed out")
+        no_proxy = mock.patch.object(urllib.request, "getproxies", return_value={})
+        with mock.patch.object(socket, "create_connection", side_effect=hang), no_proxy:
+            start = time.monotonic()
+            with self.assertRaisesRegex(ConnectionError, "^cannot connect to example.org:443 or"):
+                data_lib._check_reachable(["https://example.org/x"], timeout=0.2)  # pylint: disable=protected-access
+            self.assertLess(time.monotonic() - start, 2.0)  # 2 hosts x 0.2 s, not 2 x 30 s
 
     def assertResumedBatchesEqual(self, run, skips, context=None):
         """Batches after skipping `skips` steps are those `skips` steps into the unskipped run."""

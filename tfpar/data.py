@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import socket
+import threading
 import urllib.parse
 import urllib.request
 from typing import Callable, Optional
@@ -205,13 +206,28 @@ def _check_reachable(urls, timeout: float = 3.0) -> None:
     if not addresses:
         return
     for address in [*addresses, ("storage.googleapis.com", 443)]:  # TFDS's prepared copies
-        try:
-            socket.create_connection(address, timeout=timeout).close()
+        if _connects(address, timeout):
             return
-        except OSError:
-            continue
     raise ConnectionError(f"cannot connect to {', '.join(f'{h}:{p}' for h, p in addresses)} "
                           f"or storage.googleapis.com:443")
+
+
+def _connects(address, timeout: float) -> bool:
+    """Whether a TCP connection to `address` opens within `timeout` seconds, name lookup
+    included (`create_connection`'s timeout does not bound `getaddrinfo`, which can hang
+    on a broken resolver). A lookup still hanging is left to its daemon thread."""
+    opened = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+    thread = threading.Thread(target=connect, name="tfpar-reachability", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
 
 
 def fits_in_memory(data: config_lib.DataConfig) -> bool:
