@@ -1,18 +1,18 @@
 """One optimizer step for `model.fit`: micro-batched accumulation, optional XLA.
 
 `TrainStep` is what tfpar's models call from `train_step`. It differs from
-Keras's own step in three ways that tf.distribute users need:
+Keras's own step in four ways that tf.distribute users need:
 
 * `grad_accum_steps=K` splits each replica's batch into K micro-batches and
   averages their gradients before one `apply_gradients`, so the step equals one
   step on the whole batch. It never calls the optimizer inside a condition,
   which is what makes Keras's `gradient_accumulation_steps` raise under
   MirroredStrategy (keras-team/keras#17429).
-* `reduce_dtype="bfloat16"` hands the optimizer bfloat16 gradients, so
-  that its all-reduce over replicas sends half the bytes (Megatron-LM's
-  `--grad-reduce-in-bf16`, Horovod's compression); Keras's optimizers cast
-  them back to the variables' dtype for the update. The gradients are
-  rounded even with one replica, so one worker computes what N do.
+* `reduce_dtype="bfloat16"` sums the gradients over replicas in bfloat16, so
+  that the all-reduce sends half the bytes (Megatron-LM's
+  `--grad-reduce-in-bf16`, Horovod's compression); the sums are cast back to
+  float32 for clipping and the update. The gradients are rounded even with
+  one replica, so one worker computes what N do.
 * Under tf.distribute it sums the gradients over replicas itself, before the
   optimizer sees them (`sum_over_replicas`), so the optimizer's global-norm
   clipping and LossScaleOptimizer's finite check see the summed gradients
