@@ -77,6 +77,10 @@ def dense(grad):
     return tf.convert_to_tensor(grad) if grad is not None else None
 
 
+def _in_replica_context() -> bool:
+    return tf.distribute.has_strategy() and tf.distribute.get_replica_context() is not None
+
+
 _REPLICA_SEED_STRIDE = 1_000_003
 
 
@@ -89,17 +93,12 @@ def replica_seed_offsets(non_trainable: list) -> list:
     is taken off again after the step, so the state advances as on one device and
     replica 0 draws what one device draws.
     """
-    context = tf.distribute.get_replica_context()
-    if not tf.distribute.has_strategy() or context is None or num_replicas() == 1:
+    if not _in_replica_context() or num_replicas() == 1:
         return [None] * len(non_trainable)
-    replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
+    replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
     return [tf.cast(tf.stack([replica * _REPLICA_SEED_STRIDE, tf.constant(0, tf.int64)]), v.dtype)
             if v.name == "seed_generator_state" and tuple(v.shape) == (2,) else None
             for v in non_trainable]
-
-
-def _in_replica_context() -> bool:
-    return tf.distribute.has_strategy() and tf.distribute.get_replica_context() is not None
 
 
 def sum_over_replicas(grads: list) -> list:
