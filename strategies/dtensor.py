@@ -174,7 +174,7 @@ class DTensorTrainStep(training.TrainStep):
             return rows[:, i]
         return [tf.nest.map_structure(lambda t, i=i: strided(t, i), tree) for i in range(k)]
 
-    def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
+    def __call__(self, model: keras.Model, x, y) -> training.StepOutput:
         variables = model.trainable_variables
         optimizer = model.optimizer
         scale = training.loss_scale(optimizer)
@@ -191,7 +191,7 @@ class DTensorTrainStep(training.TrainStep):
                 _tf_variable(variable).assign(value, read_value=False)
             for variable, value in zip(optimizer.variables, new_optimizer):
                 _tf_variable(variable).assign(value, read_value=False)
-        return loss
+        return training.StepOutput(loss, training.global_norm(grads, scale))
 
 
 class DTensorAdapter(base.StrategyAdapter):

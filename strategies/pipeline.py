@@ -303,7 +303,7 @@ class PipelinedLayers(keras.Model):
             raise ValueError("a pipeline does not take sample weights. Received: sample_weight; "
                              "accepted: (x, y) batches.")
         x, y = data[0], data[1]
+        loss, grad_norm = self.train_step_fn(self, x, y)
         # Weighted by the batch's size, as Keras's loss tracker (a last batch may be partial).
-        self.running_loss.update_state(self.train_step_fn(self, x, y),
-                                       sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
-        return {"loss": self.running_loss.result()}
+        self.running_loss.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        return {"loss": self.running_loss.result(), "grad_norm": grad_norm}

@@ -90,6 +90,10 @@ class ReportTest(parameterized.TestCase):
         for row in rows.values():  # one peak for all: MFU ranks the rows as tokens/s does
             self.assertAlmostEqual(row["mfu"], flops / 2.5e11)
         self.assertIn("median 250 GFLOP/s (100–400), the MFU of every row", benchmark.markdown(rep))
+        # The CPU model goes with the peak: 2-core machines here differ (Xeon ~390, EPYC ~215 GFLOP/s).
+        self.assertEqual(rep["machine"]["cores"], len(os.sched_getaffinity(0)))
+        self.assertIn(f"measured on {rep['machine']['cpu']}, {rep['machine']['cores']} cores, no accelerator, "
+                      f"TensorFlow {tf.__version__}", benchmark.markdown(rep))
         empty = benchmark.report([], base)
         self.assertIsNone(empty["matmul_peak_flops"])
         self.assertNotIn("GFLOP/s", benchmark.markdown({**empty, "failures": {"default/tfpar": "boom"}}))

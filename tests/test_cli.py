@@ -55,10 +55,13 @@ class TrainCliTest(TestCase):
             for event in tf.compat.v1.train.summary_iterator(event_file):
                 for value in event.summary.value:
                     scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
-        for tag in ("step_loss", "learning_rate", "tokens_per_second", "memory/host_rss_mb"):
+        for tag in ("step_loss", "grad_norm", "learning_rate", "tokens_per_second", "memory/host_rss_mb"):
             self.assertEqual(sorted(scalars.get(tag, {})), [3, 6], tag)
-        losses = metrics["step_losses"]
+        losses, norms = metrics["step_losses"], metrics["grad_norms"]
+        self.assertLen(norms, 6)
         np.testing.assert_allclose([scalars["step_loss"][3], scalars["step_loss"][6]], [losses[2], losses[5]],
+                                   rtol=1e-6)
+        np.testing.assert_allclose([scalars["grad_norm"][3], scalars["grad_norm"][6]], [norms[2], norms[5]],
                                    rtol=1e-6)
         with open(os.path.join(model_dir, "config.json")) as f:
             run_config = json.load(f)

@@ -89,13 +89,14 @@ class DTensorEquivalenceTest(DTensorTestCase):
         kwargs = dict(steps=10, optimizer=name, learning_rate=learning_rate)
         if name not in self._reference:  # the default strategy's losses and weights, once per optimizer
             reference = self.train(tiny_run("default", **kwargs))
-            self._reference[name] = (reference.metrics["step_losses"], weights_of(reference.model))
+            self._reference[name] = (reference.metrics, weights_of(reference.model))
             reset_dtensor()
         result = self.train(tiny_run("dtensor", devices_count=4, parallel=dict(mesh=mesh),
                                      grad_accum_steps=grad_accum_steps, **kwargs))
         self.assertEqual(result.metrics["mesh"], layouts.parse_mesh(mesh).__str__())
-        losses, weights = self._reference[name]
-        self.assertLossesClose(losses, result.metrics["step_losses"])
+        metrics, weights = self._reference[name]
+        self.assertLossesClose(metrics["step_losses"], result.metrics["step_losses"])
+        self.assertLossesClose(metrics["grad_norms"], result.metrics["grad_norms"])  # of sharded gradients
         self.assertSameWeights(weights, result.model, atol=ADAMW_ATOL if name == "adamw" else 1e-6)
 
     def test_seq2seq_equals_default(self):

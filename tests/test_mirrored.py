@@ -29,7 +29,7 @@ class ReplicaDropoutTest(TestCase):
         step = training.TrainStep(jit_compile=jit_compile)
         x, y = tf.ones((4, 64)), tf.zeros((4, 1))  # the same examples on both replicas
         losses = strategy.experimental_local_results(
-            tf.function(lambda: strategy.run(lambda: step(model, x, y)))())
+            tf.function(lambda: strategy.run(lambda: step(model, x, y).loss))())
         self.assertNotAlmostEqual(float(losses[0]), float(losses[1]), places=4)  # other masks
         after = [v.numpy() for v in state.value.values]
         np.testing.assert_array_equal(after[0], after[1])
@@ -39,7 +39,7 @@ class ReplicaDropoutTest(TestCase):
         single.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
         single.set_weights(model.get_weights())
         single.layers[0].seed_generator.state.assign(before)
-        alone = tf.function(lambda: training.TrainStep(jit_compile=jit_compile)(single, x, y))()
+        alone = tf.function(lambda: training.TrainStep(jit_compile=jit_compile)(single, x, y).loss)()
         self.assertAlmostEqual(float(alone), float(losses[0]), places=5)
 
 
@@ -83,13 +83,15 @@ class MirroredEquivalenceTest(TestCase):
         """`default`'s per-step losses and final weights (trained once per optimizer)."""
         if optimizer not in self._reference:
             result = self.train(tiny_run("default", optimizer=optimizer, learning_rate=learning_rate))
-            self._reference[optimizer] = (result.metrics["step_losses"], weights_of(result.model))
+            self._reference[optimizer] = (result.metrics, weights_of(result.model))
         return self._reference[optimizer]
 
     def assertSameTraining(self, result, optimizer):
-        losses, weights = self.reference(optimizer, {"sgd": 0.3, "adamw": 2e-3}[optimizer])
+        metrics, weights = self.reference(optimizer, {"sgd": 0.3, "adamw": 2e-3}[optimizer])
+        losses = metrics["step_losses"]
         self.assertLess(losses[-1], losses[0])
         self.assertLossesClose(losses, result.metrics["step_losses"])
+        self.assertLossesClose(metrics["grad_norms"], result.metrics["grad_norms"])  # of the summed gradient
         self.assertSameWeights(weights, result.model, atol=ADAMW_ATOL if optimizer == "adamw" else 1e-6)
 
     @parameterized.named_parameters(("sgd", "sgd", 0.3), ("adamw", "adamw", 2e-3))

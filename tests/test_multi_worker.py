@@ -368,11 +368,11 @@ class MultiWorkerProcessTest(absltest.TestCase):
         self.assertLen(workers["step_losses"], 4)
         return workers
 
-    _mirrored_losses = None
+    _mirrored_metrics = None
 
     def mirrored_losses(self):
         """The per-step losses of `mirrored` over 2 virtual devices with SGD (trained once)."""
-        if MultiWorkerProcessTest._mirrored_losses is None:
+        if MultiWorkerProcessTest._mirrored_metrics is None:
             reference_json = os.path.join(self.tmp, "mirrored.json")
             result = subprocess.run(
                 [sys.executable, "-m", "tfpar.train", "--strategy=mirrored", "--num_virtual_devices=2",
@@ -380,8 +380,8 @@ class MultiWorkerProcessTest(absltest.TestCase):
                 capture_output=True, text=True, timeout=TIMEOUT, env=self.env)
             self.assertEqual(result.returncode, 0, result.stderr[-3000:])
             with open(reference_json) as f:
-                MultiWorkerProcessTest._mirrored_losses = json.load(f)["step_losses"]
-        return MultiWorkerProcessTest._mirrored_losses
+                MultiWorkerProcessTest._mirrored_metrics = json.load(f)
+        return MultiWorkerProcessTest._mirrored_metrics["step_losses"]
 
     def test_two_workers_equal_mirrored_over_two_devices(self):
         expected = self.mirrored_losses()
@@ -389,6 +389,8 @@ class MultiWorkerProcessTest(absltest.TestCase):
         self.assertEqual(workers["grad_reduce_dtype"], "float32")
         self.assertGreater(expected[0] - expected[-1], 0.1, expected)
         np.testing.assert_allclose(workers["step_losses"], expected, rtol=1e-5)
+        # The norm of the gradient summed over both workers, as over both devices.
+        np.testing.assert_allclose(workers["grad_norms"], self._mirrored_metrics["grad_norms"], rtol=1e-5)
 
     def test_two_workers_sum_gradients_in_bfloat16(self):
         """Half the bytes between workers; the rounded sums keep the losses near float32's."""

@@ -74,13 +74,15 @@ class PipelineEquivalenceTest(TestCase):
         """The default strategy's losses and final weights (trained once per class)."""
         if (model, steps) not in self._reference:
             result = self.train(tiny_run("default", model=model, steps=steps))
-            self._reference[(model, steps)] = (result.metrics["step_losses"], weights_of(result.model))
+            self._reference[(model, steps)] = (result.metrics, weights_of(result.model))
         return self._reference[(model, steps)]
 
     def assertSameTraining(self, result, model="gpt", steps=5):
-        losses, weights = self.reference(model, steps)
+        metrics, weights = self.reference(model, steps)
+        losses = metrics["step_losses"]
         self.assertLess(losses[-1], losses[0])
         self.assertLossesClose(losses, result.metrics["step_losses"])
+        self.assertLossesClose(metrics["grad_norms"], result.metrics["grad_norms"])  # all stages' together
         self.assertSameWeights(weights, result.model, atol=ADAMW_ATOL)  # SGD: the user-model tests
 
     @parameterized.named_parameters(

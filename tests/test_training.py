@@ -148,6 +148,40 @@ class OptimizerTest(TestCase):
         np.testing.assert_allclose(rates(100), np.arange(2, 12) * 1e-3 / 101, rtol=1e-5)  # as given
 
 
+class GradNormTest(TestCase):
+    """Each step reports the global norm of its gradient before clipping (nanoGPT's and
+    Megatron's logged grad norm); the equivalence tests compare it across strategies."""
+
+    @parameterized.named_parameters(
+        ("graph", {}), ("xla", dict(jit_compile=True)), ("accumulated", dict(grad_accum_steps=2)),
+        ("loss_scaled", dict(mixed_precision="mixed_float16")))
+    def test_the_norm_of_the_whole_batchs_gradient_before_clipping(self, changes):
+        run = tiny_run("default", optimizer="sgd", learning_rate=0.3, grad_clip_norm=0.5, **changes)
+        x = tf.constant(np.random.default_rng(0).integers(0, 256, (8, 32)), tf.int32)
+        y = tf.roll(x, -1, axis=1)
+        self.addCleanup(keras.mixed_precision.set_global_policy, keras.mixed_precision.global_policy())
+        keras.mixed_precision.set_global_policy(run.mixed_precision)
+        model = driver.build_model(run, strategies.get("default"))
+        scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        self.assertEqual(scaled, run.mixed_precision == "mixed_float16")  # gradients × 2**15 there
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True), training=True)
+        grads = tape.gradient(loss, model.trainable_variables)  # embeddings' as IndexedSlices:
+        expected = float(tf.linalg.global_norm([training.dense(g) for g in grads]))  # repeated rows add up
+        self.assertGreater(expected, 1.0)  # above the clip norm: the clipped norm would be 0.5
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+        self.assertAlmostEqual(history["grad_norm"][0], expected,
+                               delta=expected * (1e-2 if "mixed_precision" in changes else 1e-5))
+
+    def test_a_step_that_loss_scaling_skips_records_none(self):
+        recorder = callbacks_lib.StepRecorder(tokens_per_step=100)
+        recorder.on_train_begin()
+        for norm in (2.0, float("inf"), float("nan")):
+            recorder.on_train_batch_end(0, {"step_loss": 1.0, "grad_norm": norm})
+        recorder.on_train_batch_end(0, {"step_loss": 1.0})  # a model that reports none
+        self.assertEqual(recorder.grad_norms, [2.0, None, None, None])
+
+
 class GradientReduceDtypeTest(TestCase):
     """--grad_reduce_dtype=bfloat16 hands the all-reduce bfloat16 gradients (one local worker;
     MultiWorkerProcessTest sums them between two)."""

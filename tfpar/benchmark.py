@@ -9,6 +9,7 @@ tfpar/bench.py) so that one cell's TF state cannot slow or break the next.
 
 import dataclasses
 import os
+import platform
 import resource
 import statistics
 import tempfile
@@ -50,6 +51,25 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10, dtype=tf.float32) -> 
         mm(a, b).numpy()
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
+
+
+def machine() -> Dict[str, Any]:
+    """What the figures were measured on. The same "2-core CPU machine" may be one of
+    several CPU models, whose matmul peaks differ (an MFU is only comparable on one)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:  # not Linux
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    accelerators = [d.name for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
+    return {"cpu": cpu, "cores": cores, "accelerators": accelerators, "tensorflow": tf.__version__}
+
+
+def describe_machine(info: Dict[str, Any]) -> str:
+    accelerators = ", ".join(info["accelerators"]) or "no accelerator"
+    return f"{info['cpu']}, {info['cores']} cores, {accelerators}, TensorFlow {info['tensorflow']}"
 
 
 def leave_gpu_memory_to_cells() -> None:
@@ -239,7 +259,7 @@ def report(results: List[Dict[str, Any]], base: config_lib.RunConfig) -> Dict[st
     return {"rows": rows, "matmul_peak_flops": peak,
             "matmul_peak_flops_range": [min(peaks), max(peaks)] if peaks else None, "peak_dtype": dtype.name,
             "global_batch_size": base.data.global_batch_size, "model_size": base.model.size,
-            "mixed_precision": base.mixed_precision}
+            "mixed_precision": base.mixed_precision, "machine": machine()}
 
 
 def _fmt(value, pattern: str, scale: float = 1) -> str:
@@ -293,6 +313,8 @@ def markdown(rep: Dict[str, Any]) -> str:
         text += (f"; matmul peak ({rep['peak_dtype']}, 2048^2, best of 10, timed before each cell): "
                  f"median {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s ({low / 1e9:.0f}–{high / 1e9:.0f}), "
                  f"the MFU of every row")
+    if rep.get("machine"):
+        text += f"; measured on {describe_machine(rep['machine'])}"
     return text + "\n"
 
 
@@ -357,5 +379,5 @@ def plot(rep: Dict[str, Any], path: str) -> bool:
     return True
 
 
-__all__ = ["measure", "matmul_peak_flops", "peak_dtype", "leave_gpu_memory_to_cells",
+__all__ = ["measure", "matmul_peak_flops", "machine", "peak_dtype", "leave_gpu_memory_to_cells",
            "model_flops_per_token", "report", "markdown", "plot"]

@@ -14,7 +14,9 @@ class StepRecorder(keras.callbacks.Callback):
     """Records each optimizer step's loss and time; stops at a non-finite loss.
 
     Reads `logs["step_loss"]` (the step's own loss, which tfpar models report)
-    rather than Keras's running mean `logs["loss"]`.
+    rather than Keras's running mean `logs["loss"]`, and `logs["grad_norm"]`
+    (None where a model does not report it or it is not finite: a step that
+    loss scaling skipped).
     """
 
     def __init__(self, tokens_per_step: int, warmup_steps: int = 1):
@@ -22,6 +24,7 @@ class StepRecorder(keras.callbacks.Callback):
         self.tokens_per_step = tokens_per_step
         self.warmup_steps = warmup_steps
         self.step_losses: List[float] = []
+        self.grad_norms: List[Optional[float]] = []
         self.step_ends: List[float] = []
         self.start_time: Optional[float] = None
         self.non_finite_step: Optional[int] = None
@@ -36,6 +39,8 @@ class StepRecorder(keras.callbacks.Callback):
         logs = logs or {}
         loss = float(logs.get("step_loss", logs.get("loss", math.nan)))
         self.step_losses.append(loss)
+        norm = float(logs["grad_norm"]) if "grad_norm" in logs else math.nan
+        self.grad_norms.append(norm if math.isfinite(norm) else None)
         self.step_ends.append(time.perf_counter())
         if not math.isfinite(loss) and self.non_finite_step is None:
             self.non_finite_step = len(self.step_losses)
@@ -80,7 +85,8 @@ class FiniteEpochWeights(keras.callbacks.ModelCheckpoint):
 
 
 class TrainingScalars(keras.callbacks.Callback):
-    """TensorBoard scalars every `every_steps` steps: loss, learning rate, tokens/s, memory.
+    """TensorBoard scalars every `every_steps` steps: loss, gradient norm, learning rate,
+    tokens/s, memory.
 
     Memory is each accelerator's current bytes in use (`tf.config.experimental.
     get_memory_info`) and, on every machine, the host process's resident set.
@@ -120,11 +126,14 @@ class TrainingScalars(keras.callbacks.Callback):
         if step % self.every_steps:
             return
         now = time.perf_counter()
-        scalars = {"step_loss": float((logs or {}).get("step_loss", math.nan)),
+        logs = logs or {}
+        scalars = {"step_loss": float(logs.get("step_loss", math.nan)),
                    "learning_rate": self.learning_rate,
                    "tokens_per_second": ((step - self.window_start_step) * self.tokens_per_step
                                          / (now - self.window_start)),
                    "memory/host_rss_mb": psutil.Process().memory_info().rss / 2**20}
+        if "grad_norm" in logs:  # tfpar's models report it; a user's own model may not
+            scalars["grad_norm"] = float(logs["grad_norm"])
         for device in self.accelerators:
             try:
                 used = self.tf.config.experimental.get_memory_info(device)["current"]

@@ -263,6 +263,7 @@ def collect_metrics(run, adapter, model, recorder, wall_seconds) -> Dict[str, An
         "jit_compile": run.jit_compile,
         "step_losses": recorder.step_losses,
         "final_loss": recorder.step_losses[-1] if recorder.step_losses else None,
+        "grad_norms": recorder.grad_norms,
         "tokens_per_second": recorder.tokens_per_second,
         "step_seconds": recorder.step_seconds,
         "step_end_seconds": [t - recorder.start_time for t in recorder.step_ends],

@@ -7,8 +7,9 @@ What strategies may rely on (the whole interface between them and models):
   pipeline adapter cuts this list into stages.
 * `variable.path`: stable names such as `gpt/block_0/attention/query/kernel`,
   matched by layout rules.
-* `model.train_step_fn`: the object that computes and applies one step
-  (`tfpar.training.TrainStep` by default); an adapter may install another.
+* `model.train_step_fn`: the object that computes and applies one step and
+  returns a `tfpar.training.StepOutput` (`tfpar.training.TrainStep` by
+  default); an adapter may install another.
 """
 
 import dataclasses
@@ -50,11 +51,12 @@ class LanguageModel(keras.Model):
     def train_step(self, data):
         x, y = data[0], data[1]
         step = self.train_step_fn or training.TrainStep()
-        loss = step(self, x, y)
+        loss, grad_norm = step(self, x, y)
         self.running_loss.update_state(loss)
         # `loss` is Keras's running mean (progress bar); `step_loss` is this
-        # optimizer step's loss, averaged over replicas by Keras.
-        return {"loss": self.running_loss.result(), "step_loss": loss}
+        # optimizer step's loss, averaged over replicas by Keras; `grad_norm` is
+        # the same on every replica.
+        return {"loss": self.running_loss.result(), "step_loss": loss, "grad_norm": grad_norm}
 
     def example_inputs(self, batch_size: int = 1):
         """Zero inputs of the right structure, to build the model."""

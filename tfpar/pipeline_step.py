@@ -83,7 +83,7 @@ class PipelineStep:
             state = layer(state, training=True)
         return state
 
-    def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
+    def __call__(self, model: keras.Model, x, y) -> training.StepOutput:
         k, m, a, r = len(self.stages), self.num_microbatches, self.grad_accum_steps, self.replicas
         scale = training.loss_scale(model.optimizer)
         # Replica i takes the i-th 1/R of the batch. grad_accum_steps=A runs the
@@ -116,15 +116,17 @@ class PipelineStep:
                         else:
                             last[(replica, s)] = self._backward_event(
                                 s, mb_id, stage_vars, inputs, tapes, in_grads, grads[replica])
-        flat_grads = {}
+        flat_grads, squares = {}, []
         for s in range(k):
             with tf.device(self.devices[s]):
                 summed = [tf.add_n(g) if r > 1 else g[0] for g in zip(*(grads[i][s] for i in range(r)))]
                 for v, g in zip(stage_vars[s], summed):
                     flat_grads[id(v)] = g
+                squares.append(training.squared_norm(summed))  # each stage's share, where it lives
         variables = model.trainable_variables
         model.optimizer.apply_gradients([(flat_grads[id(v)], v) for v in variables])
-        return tf.add_n(losses) * training.num_replicas()
+        return training.StepOutput(tf.add_n(losses) * training.num_replicas(),
+                                   tf.sqrt(tf.add_n(squares)) / scale)
 
     def _forward_event(self, model, s, mb, xs, ys, weight, scale, inputs, tapes, outputs, losses):
         """`weight`: the micro-batch's share of the batch's loss (`microbatch_loss_weights`)."""
@@ -180,7 +182,7 @@ class PipelineStep:
         rest of the step (bubble, optimizer update, copies) is its idle time.
         The traced steps' updates are undone afterwards.
         """
-        step = tf.function(lambda: self(model, x, y))
+        step = tf.function(lambda: self(model, x, y).loss)
         variables = list(model.variables) + list(model.optimizer.variables)
         saved = [v.numpy() for v in variables]
         float(step())  # traced and warm

@@ -27,7 +27,7 @@ Keras's own step in four ways that tf.distribute users need:
 """
 
 import contextlib
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -101,6 +101,25 @@ def replica_seed_offsets(non_trainable: list) -> list:
             for v in non_trainable]
 
 
+class StepOutput(NamedTuple):
+    """What a tfpar step returns to `train_step`."""
+    loss: tf.Tensor       # the replica's mean loss over its batch
+    grad_norm: tf.Tensor  # the global L2 norm of the applied gradient, before clipping
+
+
+def squared_norm(grads: list) -> tf.Tensor:
+    """The sum of the squares of every gradient's elements, in float32 (0 for none)."""
+    terms = [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads if g is not None]
+    return tf.add_n(terms) if terms else tf.constant(0.0)
+
+
+def global_norm(grads: list, scale: tf.Tensor) -> tf.Tensor:
+    """The L2 norm of all gradients together, of the loss before loss scaling (÷ `scale`):
+    the norm that `global_clipnorm` clips (nanoGPT's and Megatron's logged grad norm). It is
+    inf or NaN for a step that loss scaling skips."""
+    return tf.sqrt(squared_norm(grads)) / scale
+
+
 def sum_over_replicas(grads: list) -> list:
     """The gradients summed over the strategy's replicas (in replica context), in one
     all-reduce; as they are without a tf.distribute strategy. Apply them under
@@ -138,7 +157,7 @@ def summed_gradients(optimizer):
 
 
 class TrainStep:
-    """Computes and applies one optimizer step; returns the replica's mean loss."""
+    """Computes and applies one optimizer step; returns a `StepOutput`."""
 
     def __init__(self, *, grad_accum_steps: int = 1, jit_compile: bool = False,
                  reduce_dtype: str = "float32"):
@@ -152,7 +171,7 @@ class TrainStep:
         return (f"TrainStep(grad_accum_steps={self.grad_accum_steps}, "
                 f"jit_compile={self.jit_compile}, reduce_dtype={self.reduce_dtype.name})")
 
-    def __call__(self, model: keras.Model, x, y) -> tf.Tensor:
+    def __call__(self, model: keras.Model, x, y) -> StepOutput:
         if self.reduce_dtype != tf.float32 and isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
             raise ValueError(  # loss-scaled float16 gradients summed in bfloat16: untested, not offered
                 f"reduce_dtype={self.reduce_dtype.name} does not combine with loss scaling. Received: "
@@ -186,7 +205,7 @@ class TrainStep:
         grads = self._from_reduce(sum_over_replicas(grads))
         with summed_gradients(model.optimizer):
             model.optimizer.apply_gradients(zip(grads, variables))
-        return loss
+        return StepOutput(loss, global_norm(grads, scale))
 
     def _for_reduce(self, grads: list) -> list:
         """The float32 gradients in the dtype they are summed over replicas in."""
@@ -202,7 +221,7 @@ class TrainStep:
         return [tf.cast(g, tf.float32) if g is not None and g.dtype == self.reduce_dtype else g
                 for g in grads]
 
-    def _whole_step_compiled(self, model, x, y, scale) -> tf.Tensor:
+    def _whole_step_compiled(self, model, x, y, scale) -> StepOutput:
         """Without a strategy there is no all-reduce between gradients and update,
         and every variable is on the one device: XLA compiles the whole step."""
         optimizer = model.optimizer
@@ -215,7 +234,7 @@ class TrainStep:
                     lambda mx, my: self._stateful_grads(model, mx, my, scale), x, y)
                 grads = self._from_reduce(self._for_reduce(grads))
                 optimizer.apply_gradients(zip(grads, model.trainable_variables))
-                return loss
+                return StepOutput(loss, global_norm(grads, scale))
             step_fn = tf.function(step, jit_compile=True)
             self._compiled[("whole", id(model))] = step_fn
         return step_fn(x, y, scale)
