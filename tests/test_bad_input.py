@@ -57,7 +57,6 @@ CASES = [
     ("multi_worker_index_out_of_range", "tfpar.train", ["--strategy=multi_worker"], {"TF_CONFIG": W5}, ["TF_CONFIG", "out of range"]),
     ("multi_worker_unknown_communication", "tfpar.train", ["--strategy=multi_worker", "--communication=rings"], None, ["communication", "ring"]),
     ("multi_worker_unknown_grad_reduce_dtype", "tfpar.train", ["--strategy=multi_worker", "--grad_reduce_dtype=float16"], None, ["grad_reduce_dtype", "bfloat16"]),
-    ("grad_reduce_dtype_with_loss_scaling", "tfpar.train", ["--strategy=multi_worker", "--grad_reduce_dtype=bfloat16", "--mixed_precision=mixed_float16"], None, ["grad_reduce_dtype", "loss scaling"]),
     ("grad_reduce_dtype_without_workers", "tfpar.train", ["--strategy=mirrored", "--grad_reduce_dtype=bfloat16"], None, ["grad_reduce_dtype", "multi_worker"]),
     ("launch_zero_workers", "tfpar.launch", ["--num_workers=0"], None, ["num_workers", ">= 1"]),
     ("dtensor_malformed_mesh", "tfpar.train", ["--strategy=dtensor", "--num_virtual_devices=4", "--mesh=batch=2"], None, ["mesh", "malformed"]),

@@ -56,7 +56,8 @@ class SummedGradientsTest(TestCase):
         self.assertLossesClose(clipped.metrics["step_losses"], mirrored.metrics["step_losses"])
         self.assertSameWeights(weights_of(clipped.model), mirrored.model)
 
-    def test_loss_scaling_skips_a_step_that_overflows_on_any_replica(self):
+    @parameterized.parameters("float32", "bfloat16")
+    def test_loss_scaling_skips_a_step_that_overflows_on_any_replica(self, reduce_dtype):
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         with strategy.scope():
             model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
@@ -66,7 +67,7 @@ class SummedGradientsTest(TestCase):
         # Replica 1's examples overflow; replica 0's are fine.
         x = strategy.experimental_distribute_values_from_function(
             lambda context: tf.fill((2, 4), 1e30 * tf.cast(context.replica_id_in_sync_group, tf.float32) + 1.0))
-        step = training.TrainStep()
+        step = training.TrainStep(reduce_dtype=reduce_dtype)  # inf survives the sum in bfloat16
         tf.function(lambda x: strategy.run(lambda x: step(model, x, tf.zeros((2, 1))), args=(x,)))(x)
         for value, expected in zip(model.get_weights(), before):
             np.testing.assert_array_equal(value, expected)  # skipped, not NaN

@@ -344,12 +344,6 @@ class RunConfig:
                 f"--global_batch_size must be divisible by the number of replicas. "
                 f"Received: global_batch_size={self.data.global_batch_size}, replicas={replicas}; "
                 f"accepted: a multiple of {replicas}.")
-        if self.parallel.grad_reduce_dtype != "float32" and self.mixed_precision == "mixed_float16":
-            raise ValueError(
-                f"--grad_reduce_dtype=bfloat16 is not offered with mixed_float16's loss scaling (loss-"
-                f"scaled float16 gradients summed in bfloat16 are untested). Received: grad_reduce_dtype="
-                f"{self.parallel.grad_reduce_dtype}, mixed_precision={self.mixed_precision}; accepted: "
-                f"--mixed_precision=float32 or mixed_bfloat16, or --grad_reduce_dtype=float32.")
         if replicas and self.parallel.strategy == "pipeline":
             check_microbatches(self.data.global_batch_size // replicas, self.parallel.num_microbatches,
                                self.grad_accum_steps)

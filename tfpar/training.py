@@ -172,11 +172,6 @@ class TrainStep:
                 f"jit_compile={self.jit_compile}, reduce_dtype={self.reduce_dtype.name})")
 
     def __call__(self, model: keras.Model, x, y) -> StepOutput:
-        if self.reduce_dtype != tf.float32 and isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError(  # loss-scaled float16 gradients summed in bfloat16: untested, not offered
-                f"reduce_dtype={self.reduce_dtype.name} does not combine with loss scaling. Received: "
-                f"optimizer={type(model.optimizer).__name__}; accepted: an optimizer without loss "
-                f"scaling, or reduce_dtype=float32.")
         variables = model.trainable_variables
         scale = loss_scale(model.optimizer)
         if self.jit_compile and not tf.distribute.has_strategy():
