@@ -26,6 +26,7 @@ import tensorflow as tf
 from tfpar import config as config_lib
 from tfpar import devices as devices_lib
 from tfpar import pipeline_schedule as schedule_lib
+from tfpar import training
 from tfpar.pipeline_step import PipelineStep, batch_reduction
 from tfpar.strategies import base
 
@@ -303,7 +304,7 @@ class PipelinedLayers(keras.Model):
             raise ValueError("a pipeline does not take sample weights. Received: sample_weight; "
                              "accepted: (x, y) batches.")
         x, y = data[0], data[1]
-        loss, grad_norm = self.train_step_fn(self, x, y)
+        loss, grad_norm = training.step_output(self.train_step_fn(self, x, y))
         # Weighted by the batch's size, as Keras's loss tracker (a last batch may be partial).
         self.running_loss.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
         return {"loss": self.running_loss.result(), "grad_norm": grad_norm}

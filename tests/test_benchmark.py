@@ -91,9 +91,13 @@ class ReportTest(parameterized.TestCase):
             self.assertAlmostEqual(row["mfu"], flops / 2.5e11)
         self.assertIn("median 250 GFLOP/s (100–400), the MFU of every row", benchmark.markdown(rep))
         # The CPU model goes with the peak: 2-core machines here differ (Xeon ~390, EPYC ~215 GFLOP/s).
-        self.assertEqual(rep["machine"]["cores"], len(os.sched_getaffinity(0)))
-        self.assertIn(f"measured on {rep['machine']['cpu']}, {rep['machine']['cores']} cores, no accelerator, "
-                      f"TensorFlow {tf.__version__}", benchmark.markdown(rep))
+        machine = rep["machine"]
+        self.assertTrue(machine["cpu"])
+        self.assertEqual((machine["cores"], machine["tensorflow"]), (len(os.sched_getaffinity(0)), tf.__version__))
+        self.assertIn(f"measured on {benchmark.describe_machine(machine)}", benchmark.markdown(rep))
+        self.assertEqual(benchmark.describe_machine({"cpu": "AMD EPYC", "cores": 2, "accelerators": [],
+                                                      "tensorflow": "2.21.0"}),
+                         "AMD EPYC, 2 cores, no accelerator, TensorFlow 2.21.0")
         empty = benchmark.report([], base)
         self.assertIsNone(empty["matmul_peak_flops"])
         self.assertNotIn("GFLOP/s", benchmark.markdown({**empty, "failures": {"default/tfpar": "boom"}}))

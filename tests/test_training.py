@@ -173,6 +173,14 @@ class GradNormTest(TestCase):
         self.assertAlmostEqual(history["grad_norm"][0], expected,
                                delta=expected * (1e-2 if "mixed_precision" in changes else 1e-5))
 
+    def test_a_step_that_returns_a_bare_loss_is_a_clear_error(self):
+        model = driver.build_model(tiny_run("default"), strategies.get("default"))
+        model.train_step_fn = lambda model, x, y: tf.constant(1.0)  # a step written before StepOutput
+        x = tf.zeros((8, 32), tf.int32)
+        with self.assertRaisesRegex(TypeError, r"must return tfpar.training.StepOutput\(loss, grad_norm\). "
+                                               r"Received: EagerTensor|Received: SymbolicTensor|Received: Tensor"):
+            model.fit(x, x, batch_size=8, epochs=1, verbose=0)
+
     def test_a_step_that_loss_scaling_skips_records_none(self):
         recorder = callbacks_lib.StepRecorder(tokens_per_step=100)
         recorder.on_train_begin()

@@ -51,7 +51,7 @@ class LanguageModel(keras.Model):
     def train_step(self, data):
         x, y = data[0], data[1]
         step = self.train_step_fn or training.TrainStep()
-        loss, grad_norm = step(self, x, y)
+        loss, grad_norm = training.step_output(step(self, x, y))
         self.running_loss.update_state(loss)
         # `loss` is Keras's running mean (progress bar); `step_loss` is this
         # optimizer step's loss, averaged over replicas by Keras; `grad_norm` is

@@ -107,6 +107,15 @@ class StepOutput(NamedTuple):
     grad_norm: tf.Tensor  # the global L2 norm of the applied gradient, before clipping
 
 
+def step_output(result: Any) -> StepOutput:
+    """`result` of a step object, checked: a bare loss from a step written before the
+    gradient norm would otherwise fail later as "iterating over a scalar tensor"."""
+    if not isinstance(result, StepOutput):
+        raise TypeError(f"a train_step_fn must return tfpar.training.StepOutput(loss, grad_norm). "
+                        f"Received: {type(result).__name__}; accepted: StepOutput.")
+    return result
+
+
 def squared_norm(grads: list) -> tf.Tensor:
     """The sum of the squares of every gradient's elements, in float32 (0 for none)."""
     terms = [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads if g is not None]
