@@ -4,7 +4,7 @@ import json
 import os
 
 
-from tests.testbase import ADAMW_ATOL, TestCase, absltest, np, parameterized, tiny_run, weights_of
+from tests.testbase import ADAMW_ATOL, TestCase, absltest, np, parameterized, tiny_run
 from tfpar import driver
 from tfpar import layouts
 from tfpar import strategies
@@ -73,8 +73,6 @@ class MeshSpecTest(parameterized.TestCase):
 
 class DTensorEquivalenceTest(DTensorTestCase):
 
-    _reference = {}
-
     # Both optimizers on the 2-D mesh; AdamW (whose slots need layouts too) on the 1-D meshes;
     # 2 micro-batches a step (strided rows of the batch-sharded input) equal the whole batch.
     @parameterized.named_parameters(
@@ -87,26 +85,22 @@ class DTensorEquivalenceTest(DTensorTestCase):
     def test_dtensor_equals_default(self, mesh, optimizer, grad_accum_steps=1):
         name, learning_rate = optimizer
         kwargs = dict(steps=10, optimizer=name, learning_rate=learning_rate)
-        if name not in self._reference:  # the default strategy's losses and weights, once per optimizer
-            reference = self.train(tiny_run("default", **kwargs))
-            self._reference[name] = (reference.metrics, weights_of(reference.model))
-            reset_dtensor()
+        metrics, weights = self.reference(tiny_run("default", **kwargs))
+        reset_dtensor()
         result = self.train(tiny_run("dtensor", devices_count=4, parallel=dict(mesh=mesh),
                                      grad_accum_steps=grad_accum_steps, **kwargs))
         self.assertEqual(result.metrics["mesh"], layouts.parse_mesh(mesh).__str__())
-        metrics, weights = self._reference[name]
         self.assertLossesClose(metrics["step_losses"], result.metrics["step_losses"])
         self.assertLossesClose(metrics["grad_norms"], result.metrics["grad_norms"])  # of sharded gradients
         self.assertSameWeights(weights, result.model, atol=ADAMW_ATOL if name == "adamw" else 1e-6)
 
     def test_seq2seq_equals_default(self):
         kwargs = dict(model="seq2seq", steps=10)
-        reference = self.train(tiny_run("default", **kwargs))
-        expected = weights_of(reference.model)  # before the context is reset
+        metrics, expected = self.reference(tiny_run("default", **kwargs))
         reset_dtensor()
         result = self.train(tiny_run("dtensor", devices_count=4, parallel=dict(mesh="batch:2,model:2"),
                                      **kwargs))
-        self.assertLossesClose(reference.metrics["step_losses"], result.metrics["step_losses"])
+        self.assertLossesClose(metrics["step_losses"], result.metrics["step_losses"])
         self.assertSameWeights(expected, result.model, atol=ADAMW_ATOL)
 
 

@@ -4,7 +4,7 @@ import os
 import re
 
 from tests.testbase import (ADAMW_ATOL, TestCase, absltest, keras, np, parameterized, reset_devices, tf,
-                            tiny_run, weights_of)
+                            tiny_run)
 from tfpar import config as config_lib
 from tfpar import driver
 from tfpar import pipeline_schedule as schedule_lib
@@ -68,17 +68,8 @@ class ScheduleTest(parameterized.TestCase):
 class PipelineEquivalenceTest(TestCase):
     """K stages with M micro-batches train to the losses and weights of `default`."""
 
-    _reference = {}
-
-    def reference(self, model="gpt", steps=5):
-        """The default strategy's losses and final weights (trained once per class)."""
-        if (model, steps) not in self._reference:
-            result = self.train(tiny_run("default", model=model, steps=steps))
-            self._reference[(model, steps)] = (result.metrics, weights_of(result.model))
-        return self._reference[(model, steps)]
-
     def assertSameTraining(self, result, model="gpt", steps=5):
-        metrics, weights = self.reference(model, steps)
+        metrics, weights = self.reference(tiny_run("default", model=model, steps=steps))
         losses = metrics["step_losses"]
         self.assertLess(losses[-1], losses[0])
         self.assertLossesClose(losses, result.metrics["step_losses"])
@@ -177,7 +168,14 @@ class PipelineMemoryTest(TestCase):
     small allocations of `tiny`.
     """
 
+    _peaks = {}  # (schedule, remat) -> bytes: GPipe's is measured once for both tests
+
     def peak_step_bytes(self, schedule, remat=False):
+        if (schedule, remat) not in self._peaks:
+            self._peaks[(schedule, remat)] = self._measure_peak_step_bytes(schedule, remat)
+        return self._peaks[(schedule, remat)]
+
+    def _measure_peak_step_bytes(self, schedule, remat):
         reset_devices()
         run = pipeline_run(2, 8, schedule, global_batch_size=32, parallel=dict(remat=remat))
         model_cfg = config_lib.ModelConfig(**{**config_lib.model_config("gpt", "small").__dict__,

@@ -9,7 +9,7 @@ own DTensor tests do.
 import os
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Any, Dict, List, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -52,6 +52,9 @@ def tiny_run(strategy: str = "default", *, model: str = "gpt", steps: int = 5,
     return config_lib.RunConfig(model=model_cfg, data=data, parallel=parallel_cfg, **defaults)
 
 
+_REFERENCES: Dict[str, Tuple[Dict[str, Any], Dict[str, np.ndarray]]] = {}  # see TestCase.reference
+
+
 class TestCase(parameterized.TestCase):
     """Resets TF and Keras before each test; shares one TFDS data_dir per class."""
 
@@ -71,9 +74,21 @@ class TestCase(parameterized.TestCase):
             run = run.replace(data=run.data.__class__(**{**run.data.__dict__, "data_dir": self.data_dir}))
         return driver.train(run, extra_callbacks=extra_callbacks)
 
+    def reference(self, run: config_lib.RunConfig) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+        """The metrics and final weights (`weights_of`) of `run`, trained once per test process.
+
+        Equivalence tests share their `default` references: the same run always trains to the
+        same losses and weights, and pytest-xdist keeps a file's tests in one process.
+        """
+        key = repr(run)
+        if key not in _REFERENCES:
+            result = self.train(run)
+            _REFERENCES[key] = (result.metrics, weights_of(result.model))
+        return _REFERENCES[key]
+
     def bfloat16_reference(self, steps: int) -> List[float]:
         """`default`'s per-step losses under mixed_bfloat16 (train it before other strategies)."""
-        return self.train(tiny_run("default", steps=steps, mixed_precision="mixed_bfloat16")).metrics["step_losses"]
+        return self.reference(tiny_run("default", steps=steps, mixed_precision="mixed_bfloat16"))[0]["step_losses"]
 
     def assertTrainedInMixedBfloat16(self, result, reference: List[float], min_drop: float = 0.0):
         """The losses of `default` under mixed_bfloat16 (`bfloat16_reference`), falling; float32
