@@ -192,6 +192,13 @@ class ResumeTest(TestCase):
             json.dump(legacy, f)
         with self.assertRaisesRegex(ValueError, "Received: grad_clip_norm=1.0; accepted: grad_clip_norm=0.0 as in"):
             self.train(tiny_run(model_dir=work, steps=4))
+        # The default warmup is the one a run of the resumed length takes (4 steps: 3), not 20.
+        with open(f"{work}/config.json", "w") as f:
+            json.dump({**json.loads(saved), "warmup_steps": None}, f)
+        with self.assertRaisesRegex(ValueError, "Received: warmup_steps=20; accepted: warmup_steps=3 as in"):
+            self.train(tiny_run(model_dir=work, steps=4, warmup_steps=20))
+        self.assertIsNone(driver._resume_refusal(tiny_run(model_dir=work, steps=4, warmup_steps=3)))  # pylint: disable=protected-access
+        self.assertIsNone(driver._resume_refusal(tiny_run(model_dir=work, steps=40, warmup_steps=20)))  # pylint: disable=protected-access
         os.remove(f"{work}/config.json")  # e.g. a backup older than config.json: the restore refuses
         with self.assertRaisesRegex(ValueError, "another run"):
             self.train(tiny_run(model_dir=work, steps=4, model="seq2seq"))

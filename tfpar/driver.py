@@ -189,8 +189,9 @@ def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
     current = json.loads(json.dumps(dataclasses.asdict(run)))  # tuples as the JSON's lists
     current["data_source"] = data_lib.source_version(run.data)  # e.g. a text file edited since
     for config in (current, saved):  # defaults were written as values before they became None
-        if config.get("warmup_steps") is None:
-            config["warmup_steps"] = config_lib.DEFAULT_WARMUP_STEPS
+        # A resumed run takes the schedule of its own length (more steps extend a run): the
+        # default warmup is what it means now, as a straight run of this length would take.
+        config["warmup_steps"] = config_lib.warmup_steps_for(config.get("warmup_steps"), run.total_steps)
         if config.get("optimizer") == "sgd":  # SGD never applied a weight decay
             config["weight_decay"] = None
         elif config.get("weight_decay") is None:

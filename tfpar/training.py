@@ -309,10 +309,7 @@ def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
     steps so that it reaches the peak; a given number is kept even if the run ends
     before its warmup does.
     """
-    if warmup_steps is None:
-        warmup = min(config_lib.DEFAULT_WARMUP_STEPS, max(total_steps - 1, 0))
-    else:
-        warmup = warmup_steps
+    warmup = config_lib.warmup_steps_for(warmup_steps, total_steps)
     # The warmup starts at lr / (warmup + 1), as nanoGPT's (it + 1) / (warmup + 1): from 0,
     # Keras's default, the first step would leave the weights as they are.
     schedule = keras.optimizers.schedules.CosineDecay(
