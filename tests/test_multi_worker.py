@@ -116,7 +116,7 @@ class TFConfigTest(parameterized.TestCase):
         with mock.patch.dict(os.environ, unset, clear=True):
             envs = launch.local_launcher(2, []).envs
         self.assertEqual([(env[pools[0]], env[pools[1]]) for env in envs], [(share, share)] * 2)
-        with mock.patch.dict(os.environ, {pools[1]: "7"}):
+        with mock.patch.dict(os.environ, {**unset, pools[1]: "7"}, clear=True):
             envs = launch.local_launcher(2, []).envs
         self.assertEqual([(env[pools[0]], env[pools[1]]) for env in envs], [(share, "7")] * 2)
         self.assertEqual([cluster.parse_tf_config(env["TF_CONFIG"]).task_index for env in envs],

@@ -188,9 +188,12 @@ def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
         saved = json.load(f)
     current = json.loads(json.dumps(dataclasses.asdict(run)))  # tuples as the JSON's lists
     current["data_source"] = data_lib.source_version(run.data)  # e.g. a text file edited since
-    for config in (current, saved):  # defaults were written as values before they became None
-        # A resumed run takes the schedule of its own length (more steps extend a run): the
-        # default warmup is what it means now, as a straight run of this length would take.
+    # Defaults were written as values before they became None (warmup 20, weight decay 0.1).
+    if saved.get("warmup_steps") == config_lib.DEFAULT_WARMUP_STEPS and run.warmup_steps is None:
+        saved["warmup_steps"] = None
+    for config in (current, saved):
+        # A resumed run takes the schedule of its own length (more steps extend a run): a
+        # default warmup is compared as the steps it means for that length.
         config["warmup_steps"] = config_lib.warmup_steps_for(config.get("warmup_steps"), run.total_steps)
         if config.get("optimizer") == "sgd":  # SGD never applied a weight decay
             config["weight_decay"] = None
