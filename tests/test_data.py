@@ -76,8 +76,13 @@ class DataTest(TestCase):
         text = "".join(f"{i:07d}\n" for i in range(20_000)).encode()  # 160 KB, 40 records
         with open(path, "wb") as f:
             f.write(text)
-        records = data_lib.text_dataset(self.run_config(dataset=f"text:{path}").data)
-        self.assertEqual(b"".join(r.numpy() for r in records), text)
+        data = self.run_config(dataset=f"text:{path}").data
+        self.assertEqual(b"".join(r.numpy() for r in data_lib.text_dataset(data)), text)
+        # Windows are the text's consecutive 33-byte pieces, across records; the last 16 bytes
+        # (160,000 = 4,848 x 33 + 16), short of a window, are dropped.
+        windows = next(iter(data_lib.token_windows(data, 33).batch(10_000))).numpy()
+        self.assertEqual(windows.shape, (4848, 33))
+        self.assertEqual(windows.astype(np.uint8).tobytes(), text[:4848 * 33])
 
     def test_too_little_text_for_one_window_is_a_value_error(self):
         path = os.path.join(self.create_tempdir().full_path, "short.txt")

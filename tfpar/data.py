@@ -258,6 +258,17 @@ def token_windows(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
     Raises:
       ValueError: if the whole dataset holds fewer than `length` tokens.
     """
+    return window_blocks(data, length).unbatch()
+
+
+def window_blocks(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
+    """The windows of `token_windows`, one block [n, length] per record of the source.
+
+    Work done per block instead of per window is ~100 times cheaper in tf.data: cutting
+    the byte stream byte by byte (`unbatch().batch(length)`), or mapping each window,
+    took ~0.25 s for every 10,000 windows, and a new iterator fills its 10,000-window
+    shuffle buffer before the first batch.
+    """
     texts = text_dataset(data)
     tokens_seen = 0
     for text in texts:  # stops at the first record for any real corpus
@@ -269,15 +280,27 @@ def token_windows(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
             f"--dataset holds too little text for one training window. Received: "
             f"dataset={data.dataset!r} with {tokens_seen} tokens (bytes); accepted: at least "
             f"{length} tokens for --seq_len={data.seq_len}.")
-    windows = texts.map(lambda t: tf.io.decode_raw(t, tf.uint8)).unbatch().batch(length, drop_remainder=True)
+    blocks = texts.scan(tf.zeros([0], tf.uint8), _cut_windows(length))
     if fits_in_memory(data):
-        windows = windows.cache()  # as bytes: a quarter of int32's memory
-    return windows.map(lambda w: tf.cast(w, tf.int32))
+        blocks = blocks.cache()  # as bytes: a quarter of int32's memory
+    return blocks.map(lambda b: tf.cast(b, tf.int32))
 
 
-def causal_example(window):
-    """(tokens[:-1], tokens[1:]) for next-token prediction."""
-    return window[:-1], window[1:]
+def _cut_windows(length: int) -> Callable:
+    """The `Dataset.scan` step of `window_blocks`: (bytes carried, text) -> (the bytes past
+    the last whole window, carried into the next text, and the whole windows [n, length]
+    of the carried bytes and the text). The stream's last bytes short of a window are
+    dropped."""
+    def cut(carried, text):
+        joined = tf.concat([carried, tf.io.decode_raw(text, tf.uint8)], axis=0)
+        whole = tf.shape(joined)[0] // length * length
+        return joined[whole:], tf.reshape(joined[:whole], [-1, length])
+    return cut
+
+
+def causal_example(windows):
+    """(tokens[:-1], tokens[1:]) for next-token prediction, of a window or a block of them."""
+    return windows[..., :-1], windows[..., 1:]
 
 
 def denoising_example(seed: int, mask_rate: float = 0.15, span: int = 3):
@@ -306,7 +329,7 @@ def make_dataset_fn(run: config_lib.RunConfig, skip_steps: int = 0) -> Callable:
     data, model_name = run.data, run.model.name
     length = data.seq_len + 1 if model_name == "gpt" else data.seq_len
     if model_name == "gpt":
-        examples = token_windows(data, length).map(causal_example)
+        examples = window_blocks(data, length).map(causal_example).unbatch()
     else:
         # Not cached: masks are a pure function of the window's index, cheap to draw again,
         # and three int32 copies would take 12 bytes a token.
