@@ -195,6 +195,26 @@ class FlagsToConfigTest(absltest.TestCase):
                          "dataset=tfds:lm1b (timed out); accepted: a TFDS dataset prepared in --data_dir "
                          "beforehand, or builtin or text:PATH (no network).\n")
 
+    def test_tf_config_and_layout_rules_are_checked_before_tensorflow_starts(self):
+        import contextlib  # pylint: disable=import-outside-toplevel
+        import io  # pylint: disable=import-outside-toplevel
+        from unittest import mock  # pylint: disable=import-outside-toplevel
+        from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+        from tfpar import train  # pylint: disable=import-outside-toplevel
+        for flags, env, line in [
+                (["--strategy=multi_worker"], {"TF_CONFIG": '{"cluster": '}, "TF_CONFIG: malformed JSON"),
+                (["--strategy=dtensor", "--num_virtual_devices=2", "--mesh=model:2", "--layout_rules=/no/r.json"],
+                 {}, "--layout_rules: cannot read the rules. Received: layout_rules='/no/r.json'")]:
+            stderr = io.StringIO()
+            with self.subTest(line), flagsaver.flagsaver(), mock.patch.dict(os.environ, env), \
+                    mock.patch.object(train, "quiet_tensorflow", side_effect=AssertionError("TensorFlow started")), \
+                    contextlib.redirect_stderr(stderr), self.assertRaises(SystemExit) as exited:
+                train.FLAGS.unparse_flags()
+                train.FLAGS(["tfpar-train", *flags])
+                train.main(["tfpar-train"])
+            self.assertEqual(exited.exception.code, 2)
+            self.assertTrue(stderr.getvalue().startswith(f"tfpar: error: {line}"), stderr.getvalue())
+
     def test_an_internal_value_error_is_not_reported_as_bad_input(self):
         """tfpar's bad-input errors say what they received; any other ValueError is a bug and
         keeps its traceback (exit 1), instead of reading like a bad flag."""

@@ -20,7 +20,9 @@ from absl import flags
 from absl import logging
 
 from tfpar import cli
+from tfpar import cluster
 from tfpar import config as config_lib
+from tfpar import layouts
 
 FLAGS = flags.FLAGS
 
@@ -210,8 +212,20 @@ def checked_config(argv, accelerator: Optional[str] = None) -> config_lib.RunCon
         fail(str(e))
 
 
+def check_inputs_read_by_strategies(parallel: config_lib.ParallelConfig) -> None:
+    """Checks what the strategies read themselves, where that needs no TensorFlow: TF_CONFIG
+    and the layout rules file (raises ValueError)."""
+    if parallel.strategy == "multi_worker" and os.environ.get("TF_CONFIG"):
+        cluster.parse_tf_config(os.environ["TF_CONFIG"])
+    if parallel.layout_rules:
+        layouts.LayoutRules.from_json(parallel.layout_rules)
+
+
 def main(argv):
-    checked_config(argv)  # before TensorFlow starts
+    try:
+        check_inputs_read_by_strategies(checked_config(argv).parallel)  # before TensorFlow starts
+    except ValueError as e:
+        fail(str(e))
     quiet_tensorflow()
     from tfpar import devices  # pylint: disable=import-outside-toplevel
     from tfpar import driver  # pylint: disable=import-outside-toplevel
