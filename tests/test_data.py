@@ -106,6 +106,30 @@ class DataTest(TestCase):
             self.assertEqual(sorted(order), list(range(40)))
         self.assertNotEqual(passes[0], passes[1])
 
+    def test_held_out_windows_are_the_sources_end_and_never_trained_on(self):
+        path = os.path.join(self.create_tempdir().full_path, "corpus.txt")
+        with open(path, "wb") as f:  # 40 windows of 33 bytes, each starting with its number
+            f.write(b"".join(bytes([i]) + bytes(32) for i in range(40)))
+        run = self.run_config(dataset=f"text:{path}", global_batch_size=4, eval_fraction=0.25)
+        firsts = [int(t) for x, y in first_batches(run, 30) for t in x[:, 0]]
+        passes = [firsts[:30], firsts[30:60], firsts[60:90], firsts[90:]]
+        for order in passes[:3]:  # each pass a permutation of the 30 windows before the last 10
+            self.assertEqual(sorted(order), list(range(30)))
+        resumed = [int(t) for x, y in first_batches(run, 10, skip_steps=20) for t in x[:, 0]]
+        self.assertEqual(resumed, firsts[80:])  # a resume skips training windows only
+        self.assertEqual(data_lib.eval_steps(run), 2)  # 10 windows: 2 whole batches of 4
+        held_out = data_lib.make_eval_dataset_fn(run)(None).take(4)  # repeated: the same each time
+        self.assertEqual([[int(t) for t in x[:, 0]] for x, y in held_out], [[30, 31, 32, 33], [34, 35, 36, 37]] * 2)
+        # Held-out windows for one batch per pipeline, in order: 2 pipelines, 2 windows each.
+        for i, expected in enumerate(([30, 32], [31, 33])):
+            first = next(iter(data_lib.make_eval_dataset_fn(run)(tf.distribute.InputContext(2, i, 2))))
+            self.assertEqual([int(t) for t in first[0][:, 0]], expected)
+        for fraction, steps, text in [(0.05, 0, "holds out 2 windows, 0 global batches of 4"),
+                                      (0.25, 3, "holds out 10 windows, 2 global batches.*at least 12 windows")]:
+            with self.assertRaisesRegex(ValueError, text):
+                data_lib.eval_steps(self.run_config(dataset=f"text:{path}", global_batch_size=4,
+                                                    eval_fraction=fraction).replace(eval_steps=steps))
+
     def test_tfds_source_with_mock_data(self):
         # No --data_dir: the download path, which mock_data replaces (nothing is fetched); tfpar's
         # reachability probe runs before it and is answered here too.

@@ -28,6 +28,7 @@ TINY = ("--model_size=tiny", "--global_batch_size=8", "--steps_per_epoch=4", "--
         "--warmup_steps=0", "--verbose=0")
 # SGD: a gradient scaled by a constant (a wrong all-reduce) changes the losses; Adam would hide it.
 SGD = ("--optimizer=sgd", "--learning_rate=0.3")
+HELD_OUT = ("--eval_fraction=0.1", "--eval_steps=2")  # each worker evaluates its shard of the batches
 TIMEOUT = 300
 _W = '"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}'
 
@@ -371,12 +372,13 @@ class MultiWorkerProcessTest(absltest.TestCase):
     _mirrored_metrics = None
 
     def mirrored_losses(self):
-        """The per-step losses of `mirrored` over 2 virtual devices with SGD (trained once)."""
+        """The per-step losses of `mirrored` over 2 virtual devices with SGD and held-out
+        evaluation (trained once)."""
         if MultiWorkerProcessTest._mirrored_metrics is None:
             reference_json = os.path.join(self.tmp, "mirrored.json")
             result = subprocess.run(
                 [sys.executable, "-m", "tfpar.train", "--strategy=mirrored", "--num_virtual_devices=2",
-                 *TINY, *SGD, self.data_flag(), f"--metrics_json={reference_json}"],
+                 *TINY, *SGD, *HELD_OUT, self.data_flag(), f"--metrics_json={reference_json}"],
                 capture_output=True, text=True, timeout=TIMEOUT, env=self.env)
             self.assertEqual(result.returncode, 0, result.stderr[-3000:])
             with open(reference_json) as f:
@@ -385,17 +387,19 @@ class MultiWorkerProcessTest(absltest.TestCase):
 
     def test_two_workers_equal_mirrored_over_two_devices(self):
         expected = self.mirrored_losses()
-        workers = self.launch_two_workers(*SGD)
+        workers = self.launch_two_workers(*SGD, *HELD_OUT)
         self.assertEqual(workers["grad_reduce_dtype"], "float32")
         self.assertGreater(expected[0] - expected[-1], 0.1, expected)
         np.testing.assert_allclose(workers["step_losses"], expected, rtol=1e-5)
         # The norm of the gradient summed over both workers, as over both devices.
         np.testing.assert_allclose(workers["grad_norms"], self._mirrored_metrics["grad_norms"], rtol=1e-5)
+        self.assertLen(workers["val_losses"], 1)  # the held-out loss over both workers' batches
+        np.testing.assert_allclose(workers["val_losses"], self._mirrored_metrics["val_losses"], rtol=1e-5)
 
     def test_two_workers_sum_gradients_in_bfloat16(self):
         """Half the bytes between workers; the rounded sums keep the losses near float32's."""
         expected = self.mirrored_losses()
-        workers = self.launch_two_workers(*SGD, "--grad_reduce_dtype=bfloat16")
+        workers = self.launch_two_workers(*SGD, *HELD_OUT, "--grad_reduce_dtype=bfloat16")
         self.assertEqual(workers["grad_reduce_dtype"], "bfloat16")
         # 5.2e-5 measured (2026-11-27); README: within ~5e-5 over 200 steps
         np.testing.assert_allclose(workers["step_losses"], expected, rtol=2e-4)

@@ -173,7 +173,8 @@ class ResumeTest(TestCase):
         with open(f"{work}/config.json") as f:
             saved = f.read()
         for changes in (dict(global_batch_size=16), dict(seed=1), dict(optimizer="sgd"),
-                        dict(weight_decay=0.0), dict(learning_rate=1e-2), dict(grad_clip_norm=0.5)):
+                        dict(weight_decay=0.0), dict(learning_rate=1e-2), dict(grad_clip_norm=0.5),
+                        dict(eval_fraction=0.1)):  # held-out windows leave the training data
             run = tiny_run(model_dir=work, steps=4, **changes)
             if "seed" in changes:  # --seed sets both seeds, as tfpar-train does
                 run = run.replace(data=dataclasses.replace(run.data, seed=1))
@@ -192,6 +193,12 @@ class ResumeTest(TestCase):
             json.dump(legacy, f)
         with self.assertRaisesRegex(ValueError, "Received: grad_clip_norm=1.0; accepted: grad_clip_norm=0.0 as in"):
             self.train(tiny_run(model_dir=work, steps=4))
+        del legacy["data"]["eval_fraction"]  # saved before tfpar held any text out: none was
+        with open(f"{work}/config.json", "w") as f:
+            json.dump(legacy, f)
+        self.assertIsNone(driver._resume_refusal(tiny_run(model_dir=work, steps=4, grad_clip_norm=0)))  # pylint: disable=protected-access
+        self.assertIn("Received: eval_fraction=0.1; accepted: eval_fraction=0.0 as in", driver._resume_refusal(  # pylint: disable=protected-access
+            tiny_run(model_dir=work, steps=4, grad_clip_norm=0, eval_fraction=0.1)))
         # The default warmup is the one a run of the resumed length takes (4 steps: 3), not 20.
         with open(f"{work}/config.json", "w") as f:
             json.dump({**json.loads(saved), "warmup_steps": None}, f)

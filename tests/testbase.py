@@ -38,11 +38,11 @@ def reset_devices(num_devices: int = NUM_DEVICES) -> None:
 
 def tiny_run(strategy: str = "default", *, model: str = "gpt", steps: int = 5,
              global_batch_size: int = 8, devices_count: int = 0, data_dir: str = None,
-             parallel: dict = None, **changes) -> config_lib.RunConfig:
+             parallel: dict = None, eval_fraction: float = 0.0, **changes) -> config_lib.RunConfig:
     """A RunConfig for a tiny model and a few steps, dropout 0, silent."""
     model_cfg = config_lib.model_config(model, "tiny")
     data = config_lib.DataConfig(seq_len=model_cfg.seq_len, global_batch_size=global_batch_size,
-                                 data_dir=data_dir)
+                                 data_dir=data_dir, eval_fraction=eval_fraction)
     parallel_cfg = config_lib.ParallelConfig(strategy=strategy, num_virtual_devices=devices_count,
                                              **(parallel or {}))
     # No warmup: from step 0 every update moves the weights, so every loss after the first

@@ -64,7 +64,8 @@ _SET_PER_CELL = {
     "num_microbatches": "--pipeline_shapes", "steps_per_epoch": "--steps", "epochs": "--steps",
     "model_dir": "--out_dir", "metrics_json": "--out_dir", "verbose": "nothing (cells run quietly)",
     "export_dir": "tfpar-train --export_dir", "plan_only": "tfpar-train --plan_only",
-    "backup_every_steps": "tfpar-train --backup_every_steps", "profile_steps": "tfpar-train --profile_steps"}
+    "backup_every_steps": "tfpar-train --backup_every_steps", "profile_steps": "tfpar-train --profile_steps",
+    "eval_fraction": "tfpar-train --eval_fraction", "eval_steps": "tfpar-train --eval_steps"}
 
 
 def strategy_options() -> dict:
@@ -75,7 +76,7 @@ def strategy_options() -> dict:
     for name, instead in _SET_PER_CELL.items():
         if FLAGS[name].present:
             raise ValueError(
-                f"--{name} is set per cell by tfpar-bench. Received: {name}={config_lib.shown(FLAGS[name].value)!r}; "
+                f"--{name} is set per cell by tfpar-bench, or left out of its cells. Received: {name}={config_lib.shown(FLAGS[name].value)!r}; "
                 f"accepted: {instead}.")
     given = {}
     for name, value in train_cli.parallel_options_from_flags().items():

@@ -26,9 +26,11 @@ class StepRecorder(keras.callbacks.Callback):
         self.step_losses: List[float] = []
         self.grad_norms: List[Optional[float]] = []
         self.step_ends: List[float] = []
+        self.val_losses: List[float] = []  # the held-out loss after each epoch (--eval_fraction)
         self.start_time: Optional[float] = None
         self.non_finite_step: Optional[int] = None
         self._fit_starts = set()  # index of each `fit` call's first step
+        self._evaluated = {}  # index of the step after each evaluation -> when it ended
 
     def on_train_begin(self, logs=None):
         if self.start_time is None:  # a resumed run calls `fit` twice: one clock
@@ -46,12 +48,20 @@ class StepRecorder(keras.callbacks.Callback):
             self.non_finite_step = len(self.step_losses)
             self.model.stop_training = True
 
+    def on_epoch_end(self, epoch, logs=None):
+        if logs and "val_loss" in logs:
+            self.val_losses.append(float(logs["val_loss"]))
+
+    def on_test_end(self, logs=None):
+        self._evaluated[len(self.step_ends)] = time.perf_counter()
+
     def _timed_steps(self) -> List[float]:
         """Step times after the first `warmup_steps` steps (tracing excluded), leaving out
-        the first step of each later `fit` call (it also waits for a new dataset)."""
+        the first step of each later `fit` call (it also waits for a new dataset); a step
+        after an evaluation (--eval_fraction) counts from the evaluation's end."""
         ends = self.step_ends
-        return [ends[i] - ends[i - 1] for i in range(max(1, self.warmup_steps), len(ends))
-                if i not in self._fit_starts]
+        return [ends[i] - self._evaluated.get(i, ends[i - 1])
+                for i in range(max(1, self.warmup_steps), len(ends)) if i not in self._fit_starts]
 
     @property
     def tokens_per_second(self) -> Optional[float]:

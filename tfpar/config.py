@@ -183,12 +183,22 @@ class DataConfig:
     seq_len: int = 128
     seed: int = 0
     shuffle_buffer: int = 10_000
+    eval_fraction: float = 0.0  # the source's last windows, held out of training for evaluation
 
     def __post_init__(self):
         positive("global_batch_size", self.global_batch_size)
         positive("seq_len", self.seq_len)
         valid_seed("seed", self.seed)
         kind, _, arg = self.dataset.partition(":")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(
+                f"--eval_fraction must be in [0, 1). Received: eval_fraction={self.eval_fraction}; "
+                f"accepted: a fraction of the text's windows, e.g. 0.1 (0: no evaluation).")
+        if self.eval_fraction and kind == "tfds":
+            raise ValueError(
+                f"--eval_fraction holds out the end of a builtin or text:PATH source. Received: "
+                f"dataset={self.dataset!r}, eval_fraction={self.eval_fraction}; accepted: "
+                f"--eval_fraction=0 with tfds:NAME.")
         if kind in ("builtin", "text"):  # prepared into data_dir (TFDS datasets are only read)
             writable_path("data_dir", self.data_dir, directory=True)
         choice("dataset", kind if arg or kind == "builtin" else self.dataset,
@@ -300,6 +310,7 @@ class RunConfig:
     epochs: int = 4
     mixed_precision: str = "float32"
     grad_accum_steps: int = 1
+    eval_steps: int = 0  # held-out batches evaluated after each epoch; 0: all of them
     jit_compile: bool = False
     model_dir: Optional[str] = None
     backup_every_steps: int = 0
@@ -333,6 +344,12 @@ class RunConfig:
         if self.warmup_steps is not None:
             positive("warmup_steps", self.warmup_steps, allow_zero=True)
         positive("backup_every_steps", self.backup_every_steps, allow_zero=True)
+        positive("eval_steps", self.eval_steps, allow_zero=True)
+        if self.eval_steps and not self.data.eval_fraction:
+            raise ValueError(
+                f"--eval_steps evaluates the windows --eval_fraction holds out. Received: "
+                f"eval_steps={self.eval_steps}, eval_fraction=0.0; accepted: --eval_fraction > 0 "
+                f"with --eval_steps.")
         valid_seed("seed", self.seed)
         if self.plan_only and self.export_dir:
             raise ValueError(

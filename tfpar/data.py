@@ -321,25 +321,80 @@ def denoising_example(seed: int, mask_rate: float = 0.15, span: int = 3):
     return fn
 
 
+def _examples(run: config_lib.RunConfig) -> tf.data.Dataset:
+    """Every window of the source as an (x, y) example of the run's model, in order."""
+    data = run.data
+    if run.model.name == "gpt":
+        return window_blocks(data, data.seq_len + 1).map(causal_example).unbatch()
+    # Not cached: masks are a pure function of the window's index, cheap to draw again,
+    # and three int32 copies would take 12 bytes a token.
+    return token_windows(data, data.seq_len).enumerate().map(denoising_example(data.seed))
+
+
+def _window_length(run: config_lib.RunConfig) -> int:
+    return run.data.seq_len + 1 if run.model.name == "gpt" else run.data.seq_len
+
+
+def held_out_windows(run: config_lib.RunConfig) -> int:
+    """How many windows at the end of the source `--eval_fraction` holds out (0 without)."""
+    if not run.data.eval_fraction:
+        return 0
+    return int(windows_per_pass(run.data, _window_length(run)) * run.data.eval_fraction)
+
+
+def eval_steps(run: config_lib.RunConfig) -> int:
+    """The held-out global batches evaluated after each epoch (0 without --eval_fraction).
+
+    Raises:
+      ValueError: if fewer windows are held out than one global batch, or than --eval_steps asks.
+    """
+    held_out = held_out_windows(run)
+    if not run.data.eval_fraction:
+        return 0
+    batches = held_out // run.data.global_batch_size
+    if not batches or run.eval_steps > batches:
+        raise ValueError(
+            f"--eval_fraction holds out {held_out} windows, {batches} global batches of "
+            f"{run.data.global_batch_size}. Received: eval_fraction={run.data.eval_fraction}, "
+            f"eval_steps={run.eval_steps}; accepted: an --eval_fraction holding at least "
+            f"{max(run.eval_steps, 1) * run.data.global_batch_size} windows.")
+    return run.eval_steps or batches
+
+
+def make_eval_dataset_fn(run: config_lib.RunConfig) -> Callable:
+    """Returns `dataset_fn(input_context=None)` giving per-replica batches of the held-out
+    windows, in order: `eval_steps(run)` global batches, repeated (each evaluation the same)."""
+    held_out, steps = held_out_windows(run), eval_steps(run)
+    first = windows_per_pass(run.data, _window_length(run)) - held_out
+
+    def dataset_fn(input_context: Optional[tf.distribute.InputContext] = None):
+        ctx = input_context or tf.distribute.InputContext()
+        ds = _examples(run).skip(first).take(steps * run.data.global_batch_size)
+        if ctx.num_input_pipelines > 1:
+            ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+        return ds.batch(ctx.get_per_replica_batch_size(run.data.global_batch_size),
+                        drop_remainder=True).repeat()
+
+    return dataset_fn
+
+
 def make_dataset_fn(run: config_lib.RunConfig, skip_steps: int = 0) -> Callable:
-    """Returns `dataset_fn(input_context=None)` giving per-replica (x, y) batches.
+    """Returns `dataset_fn(input_context=None)` giving per-replica (x, y) batches of the
+    training windows (those `--eval_fraction` does not hold out).
 
     `skip_steps` global batches are skipped first (to resume a run exactly).
     """
-    data, model_name = run.data, run.model.name
-    length = data.seq_len + 1 if model_name == "gpt" else data.seq_len
-    if model_name == "gpt":
-        examples = window_blocks(data, length).map(causal_example).unbatch()
-    else:
-        # Not cached: masks are a pure function of the window's index, cheap to draw again,
-        # and three int32 copies would take 12 bytes a token.
-        examples = token_windows(data, length).enumerate().map(denoising_example(data.seed))
-
+    data = run.data
+    examples = _examples(run)
+    held_out = held_out_windows(run)
     # Whole passes are skipped by starting at a later one (a skip reads every element it
     # skips: 7.5 s for 10,000 steps of `small`); the rest element by element.
     first_pass, skip_windows = 0, skip_steps * data.global_batch_size
-    per_pass = windows_per_pass(data, length) if skip_windows else None
-    if per_pass:
+    per_pass = windows_per_pass(data, _window_length(run)) if skip_windows or held_out else None
+    if held_out:
+        per_pass -= held_out
+        examples = examples.take(per_pass)
+    if skip_windows and per_pass:
         first_pass, skip_windows = divmod(skip_windows % (per_pass * _PASSES), per_pass)
 
     def dataset_fn(input_context: Optional[tf.distribute.InputContext] = None):

@@ -94,6 +94,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(run.seed)
+    evaluated_steps = data_lib.eval_steps(run)  # a bad --eval_fraction fails before the model is built
     work_dir = _work_dir(run, adapter)
     caller_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(run.mixed_precision)
@@ -137,7 +138,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             if start_step and run.verbose:
                 print(f"tfpar: resuming from the backup at step {start_step}", flush=True)
         start = time.perf_counter()
-        _fit_from(run, adapter, model, start_step, callbacks, work_dir)
+        _fit_from(run, adapter, model, start_step, callbacks, work_dir, evaluated_steps)
         wall = time.perf_counter() - start
         if recorder.non_finite_step is not None:
             raise FloatingPointError(
@@ -200,6 +201,7 @@ def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
         elif config.get("weight_decay") is None:
             config["weight_decay"] = config_lib.DEFAULT_WEIGHT_DECAY
         config.setdefault("grad_clip_norm", 0.0)  # runs saved before clipping was not clipped
+        config.setdefault("data", {}).setdefault("eval_fraction", 0.0)  # nor held out any text
     if current["data_source"].startswith(f"{saved.get('data_source')} sha1:"):
         saved["data_source"] = current["data_source"]  # saved before the builtin text's hash was
     compared = [(current["data"], saved.get("data", {}), [k for k in current["data"] if k != "data_dir"]),
@@ -229,26 +231,33 @@ def _tensorboard(run: config_lib.RunConfig, work_dir: Optional[str], steps_done:
                                         profile_batch=profile)]
 
 
-def _fit_from(run, adapter, model, start_step: int, callbacks, work_dir: Optional[str] = None) -> None:
-    """Runs `fit` for the steps after `start_step`, on exactly the batches not yet seen.
+def _fit_from(run, adapter, model, start_step: int, callbacks, work_dir: Optional[str] = None,
+              evaluated_steps: int = 0) -> None:
+    """Runs `fit` for the steps after `start_step`, on exactly the batches not yet seen,
+    evaluating `evaluated_steps` held-out batches after each epoch.
 
     A run resumed mid-epoch first finishes that epoch, then runs whole epochs;
     one resumed at or past its last step trains nothing.
     """
     if start_step >= run.total_steps:
         return
+    evaluation = {}
+    if evaluated_steps:
+        evaluation = dict(validation_data=adapter.distribute_dataset(data_lib.make_eval_dataset_fn(run)),
+                          validation_steps=evaluated_steps)
     epoch, offset = divmod(start_step, run.steps_per_epoch)
     if offset:
         dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run, skip_steps=start_step))
         model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1,
                   steps_per_epoch=run.steps_per_epoch - offset,
-                  callbacks=callbacks + _tensorboard(run, work_dir, start_step), verbose=run.verbose)
+                  callbacks=callbacks + _tensorboard(run, work_dir, start_step), verbose=run.verbose,
+                  **evaluation)
         epoch += 1
     if epoch < run.epochs and not model.stop_training:
         skip = epoch * run.steps_per_epoch
         dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run, skip_steps=skip))
         model.fit(dataset, initial_epoch=epoch, epochs=run.epochs, steps_per_epoch=run.steps_per_epoch,
-                  callbacks=callbacks + _tensorboard(run, work_dir, skip), verbose=run.verbose)
+                  callbacks=callbacks + _tensorboard(run, work_dir, skip), verbose=run.verbose, **evaluation)
 
 
 def collect_metrics(run, adapter, model, recorder, wall_seconds) -> Dict[str, Any]:
@@ -267,6 +276,7 @@ def collect_metrics(run, adapter, model, recorder, wall_seconds) -> Dict[str, An
         "jit_compile": run.jit_compile,
         "step_losses": recorder.step_losses,
         "final_loss": recorder.step_losses[-1] if recorder.step_losses else None,
+        "val_losses": recorder.val_losses,
         "grad_norms": recorder.grad_norms,
         "tokens_per_second": recorder.tokens_per_second,
         "step_seconds": recorder.step_seconds,

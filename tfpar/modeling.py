@@ -30,6 +30,7 @@ class LanguageModel(keras.Model):
         self.model_config = model_config
         self.train_step_fn: Optional[Any] = None
         self.running_loss = keras.metrics.Mean(name="loss")
+        self.held_out_loss = keras.metrics.Mean(name="held_out_loss")
 
     def get_config(self):
         return {"name": self.name, "model_config": dataclasses.asdict(self.model_config)}
@@ -57,6 +58,16 @@ class LanguageModel(keras.Model):
         # optimizer step's loss, averaged over replicas by Keras; `grad_norm` is
         # the same on every replica.
         return {"loss": self.running_loss.result(), "step_loss": loss, "grad_norm": grad_norm}
+
+    def test_step(self, data):
+        """The batch's mean token loss; `fit` reports the mean over the held-out batches as
+        `val_loss`. Keras's own test_step would report it under the name of `running_loss`
+        (both are "loss"), whose value then wins."""
+        x, y = data[0], data[1]
+        y_pred = self(x, training=False)
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+        self.held_out_loss.update_state(tf.cast(loss, tf.float32) * training.num_replicas())
+        return {"loss": self.held_out_loss.result()}
 
     def example_inputs(self, batch_size: int = 1):
         """Zero inputs of the right structure, to build the model."""

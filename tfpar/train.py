@@ -68,6 +68,10 @@ flags.DEFINE_bool("jit_compile", None, "Compile with XLA: the whole step without
                   "computation under one (default: on in float32 under default, mirrored and "
                   "multi_worker; dtensor and pipeline do not support it).")
 flags.DEFINE_string("dataset", "builtin", "builtin, text:PATH or tfds:NAME.")
+flags.DEFINE_float("eval_fraction", 0.0, "Hold out this fraction of a builtin or text:PATH source's "
+                   "windows, its end (nanoGPT's val split), and report their loss after each epoch "
+                   "(val_loss); 0: no evaluation.")
+flags.DEFINE_integer("eval_steps", 0, "Held-out global batches evaluated after each epoch (0: all).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 flags.DEFINE_string("model_dir", None, "Checkpoints, backup, TensorBoard logs and final weights.")
 flags.DEFINE_integer("backup_every_steps", 0, "BackupAndRestore every N steps (0: every epoch).")
@@ -138,7 +142,7 @@ def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None,
     dataset = f"{kind}:{os.path.abspath(os.path.expanduser(source))}" if kind == "text" and colon else FLAGS.dataset
     data = config_lib.DataConfig(
         dataset=dataset, data_dir=expand_path(FLAGS.data_dir), global_batch_size=FLAGS.global_batch_size,
-        seq_len=model.seq_len, seed=FLAGS.seed)
+        seq_len=model.seq_len, seed=FLAGS.seed, eval_fraction=FLAGS.eval_fraction)
     parallel = parallel or config_lib.ParallelConfig(**parallel_options_from_flags(accelerator))
     jit_compile = FLAGS.jit_compile
     if jit_compile is None:  # not given: XLA where it was measured faster
@@ -149,6 +153,7 @@ def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None,
         weight_decay=FLAGS.weight_decay, grad_clip_norm=FLAGS.grad_clip_norm,
         steps_per_epoch=FLAGS.steps_per_epoch, epochs=FLAGS.epochs,
         mixed_precision=FLAGS.mixed_precision, grad_accum_steps=FLAGS.grad_accum_steps,
+        eval_steps=FLAGS.eval_steps,
         jit_compile=jit_compile, model_dir=expand_path(FLAGS.model_dir),
         backup_every_steps=FLAGS.backup_every_steps, metrics_json=expand_path(FLAGS.metrics_json),
         export_dir=expand_path(FLAGS.export_dir), seed=FLAGS.seed, deterministic=FLAGS.deterministic,
@@ -259,7 +264,8 @@ def main(argv):
         return
     speed = metrics["tokens_per_second"]
     speed = f"{speed:,.0f} tokens/s" if speed is not None else "tokens/s not measured (the first step traces)"
-    print(f"tfpar: final loss {metrics['final_loss']:.4f} (first {metrics['step_losses'][0]:.4f}); "
+    held_out = f"; held-out loss {metrics['val_losses'][-1]:.4f}" if metrics["val_losses"] else ""
+    print(f"tfpar: final loss {metrics['final_loss']:.4f} (first {metrics['step_losses'][0]:.4f}){held_out}; "
           f"{speed}; {metrics['wall_seconds']:.1f} s", flush=True)
 
 
