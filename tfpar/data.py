@@ -348,9 +348,9 @@ def eval_steps(run: config_lib.RunConfig) -> int:
     Raises:
       ValueError: if fewer windows are held out than one global batch, or than --eval_steps asks.
     """
-    held_out = held_out_windows(run)
     if not run.data.eval_fraction:
         return 0
+    held_out = held_out_windows(run)
     batches = held_out // run.data.global_batch_size
     if not batches or run.eval_steps > batches:
         raise ValueError(
