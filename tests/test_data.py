@@ -117,7 +117,7 @@ class DataTest(TestCase):
             self.assertEqual(sorted(order), list(range(30)))
         resumed = [int(t) for x, y in first_batches(run, 10, skip_steps=20) for t in x[:, 0]]
         self.assertEqual(resumed, firsts[80:])  # a resume skips training windows only
-        self.assertEqual(data_lib.eval_steps(run), 2)  # 10 windows: 2 whole batches of 4
+        self.assertEqual(data_lib.evaluated_batches(run), 2)  # 10 windows: 2 whole batches of 4
         held_out = data_lib.make_eval_dataset_fn(run)(None).take(4)  # repeated: the same each time
         self.assertEqual([[int(t) for t in x[:, 0]] for x, y in held_out], [[30, 31, 32, 33], [34, 35, 36, 37]] * 2)
         # Held-out windows for one batch per pipeline, in order: 2 pipelines, 2 windows each.
@@ -127,7 +127,7 @@ class DataTest(TestCase):
         for fraction, steps, text in [(0.05, 0, "holds out 2 windows, 0 global batches of 4"),
                                       (0.25, 3, "holds out 10 windows, 2 global batches.*at least 12 windows")]:
             with self.assertRaisesRegex(ValueError, text):
-                data_lib.eval_steps(self.run_config(dataset=f"text:{path}", global_batch_size=4,
+                data_lib.evaluated_batches(self.run_config(dataset=f"text:{path}", global_batch_size=4,
                                                     eval_fraction=fraction).replace(eval_steps=steps))
 
     def test_tfds_source_with_mock_data(self):

@@ -49,19 +49,21 @@ class StepRecorderTest(absltest.TestCase):
 
     def test_evaluations_are_not_timed_and_their_losses_are_kept(self):
         recorder = callbacks_lib.StepRecorder(tokens_per_step=100)
-        # Steps end at 1.0 (tracing), 1.1, 1.2; the evaluation after epoch 1 ends at 5.0; the
-        # next steps end at 5.1 and 5.2.
-        clock = iter([0.0, 1.0, 1.1, 1.2, 5.0, 5.1, 5.2])
+        # Steps end at 1.0 (tracing), 1.1, 1.2; the evaluation after epoch 1 runs from 1.2 to
+        # 5.0; the next steps end at 5.2 (with 0.1 s of epoch-end work, counted as it is without
+        # an evaluation) and 5.3.
+        clock = iter([0.0, 1.0, 1.1, 1.2, 1.2, 5.0, 5.2, 5.3])
         with mock.patch.object(callbacks_lib.time, "perf_counter", lambda: next(clock)):
             recorder.on_train_begin()
             for step in range(3):
                 recorder.on_train_batch_end(step, {"step_loss": 1.0})
+            recorder.on_test_begin()
             recorder.on_test_end()
             recorder.on_epoch_end(0, {"loss": 1.0, "val_loss": 2.5})
             for step in range(2):
                 recorder.on_train_batch_end(step, {"step_loss": 1.0})
             recorder.on_epoch_end(1, {"loss": 1.0})  # an epoch without evaluation
-        self.assertAlmostEqual(recorder.step_seconds, 0.1)
+        self.assertAlmostEqual(recorder.step_seconds, 0.5 / 4)  # 0.1, 0.1, 0.2 (0.1 of it epoch end), 0.1
         self.assertEqual(recorder.val_losses, [2.5])
 
     def test_a_run_without_a_timed_step_reports_no_speed(self):
@@ -265,17 +267,17 @@ class HeldOutEvaluationTest(TestCase):
 
     def test_held_out_loss_is_the_models_mean_loss_and_the_same_under_every_strategy(self):
         """--eval_fraction: after each epoch, the mean token loss on the same held-out batches."""
-        def held_out_run(strategy="default", count=0, parallel=None):
-            return tiny_run(strategy, devices_count=count, parallel=parallel, steps=2, epochs=2,
+        def held_out_run(strategy="default", count=0, parallel=None, model="gpt"):
+            return tiny_run(strategy, devices_count=count, parallel=parallel, steps=2, epochs=2, model=model,
                             eval_fraction=0.1, eval_steps=2, data_dir=self.data_dir)
-        default = self.train(held_out_run())
-        losses = default.metrics["val_losses"]
-        self.assertLen(losses, 2)
-        self.assertLess(losses[1], losses[0] - 0.1)  # training lowers it
-        loss_fn = default.model.loss
-        by_hand = [float(loss_fn(y, default.model(x, training=False)))
-                   for x, y in data_lib.make_eval_dataset_fn(held_out_run())(None).take(2)]
-        self.assertAlmostEqual(losses[1], np.mean(by_hand), places=5)
+        for model in ("seq2seq", "gpt"):
+            default = self.train(held_out_run(model=model))
+            losses = default.metrics["val_losses"]
+            self.assertLen(losses, 2)
+            self.assertLess(losses[1], losses[0] - 0.1, model)  # training lowers it
+            by_hand = [float(default.model.loss(y, default.model(x, training=False)))
+                       for x, y in data_lib.make_eval_dataset_fn(held_out_run(model=model))(None).take(2)]
+            self.assertAlmostEqual(losses[1], np.mean(by_hand), places=5, msg=model)
         for strategy, count, parallel in [("mirrored", 2, None), ("dtensor", 4, dict(mesh="batch:2,model:2")),
                                           ("pipeline", 2, dict(pipeline_stages=2, num_microbatches=2))]:
             with self.subTest(strategy):

@@ -75,8 +75,10 @@ def strategy_options() -> dict:
     """
     for name, instead in _SET_PER_CELL.items():
         if FLAGS[name].present:
+            what = ("is tfpar-train's: tfpar-bench's cells do not use it" if instead.startswith("tfpar-train ")
+                    else "is set per cell by tfpar-bench")
             raise ValueError(
-                f"--{name} is set per cell by tfpar-bench, or left out of its cells. Received: {name}={config_lib.shown(FLAGS[name].value)!r}; "
+                f"--{name} {what}. Received: {name}={config_lib.shown(FLAGS[name].value)!r}; "
                 f"accepted: {instead}.")
     given = {}
     for name, value in train_cli.parallel_options_from_flags().items():

@@ -30,7 +30,8 @@ class StepRecorder(keras.callbacks.Callback):
         self.start_time: Optional[float] = None
         self.non_finite_step: Optional[int] = None
         self._fit_starts = set()  # index of each `fit` call's first step
-        self._evaluated = {}  # index of the step after each evaluation -> when it ended
+        self._evaluations = {}  # index of the step after evaluations -> their seconds
+        self._evaluation_start = 0.0
 
     def on_train_begin(self, logs=None):
         if self.start_time is None:  # a resumed run calls `fit` twice: one clock
@@ -52,15 +53,19 @@ class StepRecorder(keras.callbacks.Callback):
         if logs and "val_loss" in logs:
             self.val_losses.append(float(logs["val_loss"]))
 
+    def on_test_begin(self, logs=None):
+        self._evaluation_start = time.perf_counter()
+
     def on_test_end(self, logs=None):
-        self._evaluated[len(self.step_ends)] = time.perf_counter()
+        seconds = time.perf_counter() - self._evaluation_start
+        self._evaluations[len(self.step_ends)] = self._evaluations.get(len(self.step_ends), 0.0) + seconds
 
     def _timed_steps(self) -> List[float]:
         """Step times after the first `warmup_steps` steps (tracing excluded), leaving out
-        the first step of each later `fit` call (it also waits for a new dataset); a step
-        after an evaluation (--eval_fraction) counts from the evaluation's end."""
+        the first step of each later `fit` call (it also waits for a new dataset) and the
+        evaluations (--eval_fraction) between steps."""
         ends = self.step_ends
-        return [ends[i] - self._evaluated.get(i, ends[i - 1])
+        return [ends[i] - ends[i - 1] - self._evaluations.get(i, 0.0)
                 for i in range(max(1, self.warmup_steps), len(ends)) if i not in self._fit_starts]
 
     @property

@@ -21,7 +21,7 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -321,28 +321,40 @@ def denoising_example(seed: int, mask_rate: float = 0.15, span: int = 3):
     return fn
 
 
-def _examples(run: config_lib.RunConfig) -> tf.data.Dataset:
-    """Every window of the source as an (x, y) example of the run's model, in order."""
-    data = run.data
-    if run.model.name == "gpt":
-        return window_blocks(data, data.seq_len + 1).map(causal_example).unbatch()
-    # Not cached: masks are a pure function of the window's index, cheap to draw again,
-    # and three int32 copies would take 12 bytes a token.
-    return token_windows(data, data.seq_len).enumerate().map(denoising_example(data.seed))
-
-
 def _window_length(run: config_lib.RunConfig) -> int:
     return run.data.seq_len + 1 if run.model.name == "gpt" else run.data.seq_len
 
 
-def held_out_windows(run: config_lib.RunConfig) -> int:
-    """How many windows at the end of the source `--eval_fraction` holds out (0 without)."""
-    if not run.data.eval_fraction:
-        return 0
-    return int(windows_per_pass(run.data, _window_length(run)) * run.data.eval_fraction)
+def _examples(run: config_lib.RunConfig, start: int = 0, stop: Optional[int] = None) -> tf.data.Dataset:
+    """The source's windows [start, stop) (all by default) as (x, y) examples of the run's
+    model, in order.
+
+    The range is cut block by block and every block is read, so that `window_blocks`'s
+    cache is completed (a partly read cache is dropped, and the source read again).
+    """
+    data = run.data
+    blocks = window_blocks(data, _window_length(run))
+    if start or stop is not None:
+        def cut(done, block):  # windows before this block -> (and after, its windows in range)
+            size = tf.shape(block, out_type=tf.int64)[0]
+            first = tf.clip_by_value(start - done, 0, size)
+            last = size if stop is None else tf.clip_by_value(stop - done, 0, size)
+            return done + size, block[first:last]
+        blocks = blocks.scan(tf.constant(0, tf.int64), cut)
+    if run.model.name == "gpt":
+        return blocks.map(causal_example).unbatch()
+    # Not cached: masks are a pure function of the window's index, cheap to draw again,
+    # and three int32 copies would take 12 bytes a token.
+    return blocks.unbatch().enumerate(start).map(denoising_example(data.seed))
 
 
-def eval_steps(run: config_lib.RunConfig) -> int:
+def _held_out(run: config_lib.RunConfig) -> Tuple[int, int]:
+    """(windows of one pass over the source, the last of them `--eval_fraction` holds out)."""
+    windows = windows_per_pass(run.data, _window_length(run))
+    return windows, int(windows * run.data.eval_fraction + 1e-9)  # 3300 * 0.29 = 956.99...
+
+
+def evaluated_batches(run: config_lib.RunConfig) -> int:
     """The held-out global batches evaluated after each epoch (0 without --eval_fraction).
 
     Raises:
@@ -350,7 +362,7 @@ def eval_steps(run: config_lib.RunConfig) -> int:
     """
     if not run.data.eval_fraction:
         return 0
-    held_out = held_out_windows(run)
+    _, held_out = _held_out(run)
     batches = held_out // run.data.global_batch_size
     if not batches or run.eval_steps > batches:
         raise ValueError(
@@ -361,19 +373,29 @@ def eval_steps(run: config_lib.RunConfig) -> int:
     return run.eval_steps or batches
 
 
+def _per_replica_batches(ds: tf.data.Dataset, ctx: tf.distribute.InputContext,
+                         global_batch_size: int) -> tf.data.Dataset:
+    """This input pipeline's share of `ds`, in batches of one replica."""
+    if ctx.num_input_pipelines > 1:
+        ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    # A fixed pipeline gains nothing from autotuning, and its thread made deleting a
+    # distributed iterator wait up to a minute (BUILD_NOTES.md).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return (ds.batch(ctx.get_per_replica_batch_size(global_batch_size), drop_remainder=True)
+            .prefetch(2).with_options(options))
+
+
 def make_eval_dataset_fn(run: config_lib.RunConfig) -> Callable:
     """Returns `dataset_fn(input_context=None)` giving per-replica batches of the held-out
-    windows, in order: `eval_steps(run)` global batches, repeated (each evaluation the same)."""
-    held_out, steps = held_out_windows(run), eval_steps(run)
-    first = windows_per_pass(run.data, _window_length(run)) - held_out
+    windows, in order: `evaluated_batches(run)` global batches, repeated, so that every
+    evaluation reads the same ones however Keras iterates."""
+    (windows, held_out), batches = _held_out(run), evaluated_batches(run)
+    first = windows - held_out
 
     def dataset_fn(input_context: Optional[tf.distribute.InputContext] = None):
-        ctx = input_context or tf.distribute.InputContext()
-        ds = _examples(run).skip(first).take(steps * run.data.global_batch_size)
-        if ctx.num_input_pipelines > 1:
-            ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-        return ds.batch(ctx.get_per_replica_batch_size(run.data.global_batch_size),
-                        drop_remainder=True).repeat()
+        ds = _examples(run, first, first + batches * run.data.global_batch_size).repeat()
+        return _per_replica_batches(ds, input_context or tf.distribute.InputContext(), run.data.global_batch_size)
 
     return dataset_fn
 
@@ -385,15 +407,18 @@ def make_dataset_fn(run: config_lib.RunConfig, skip_steps: int = 0) -> Callable:
     `skip_steps` global batches are skipped first (to resume a run exactly).
     """
     data = run.data
-    examples = _examples(run)
-    held_out = held_out_windows(run)
     # Whole passes are skipped by starting at a later one (a skip reads every element it
     # skips: 7.5 s for 10,000 steps of `small`); the rest element by element.
     first_pass, skip_windows = 0, skip_steps * data.global_batch_size
-    per_pass = windows_per_pass(data, _window_length(run)) if skip_windows or held_out else None
-    if held_out:
-        per_pass -= held_out
-        examples = examples.take(per_pass)
+    per_pass = None
+    if data.eval_fraction:
+        windows, held_out = _held_out(run)
+        per_pass = windows - held_out
+        examples = _examples(run, stop=per_pass)
+    else:
+        examples = _examples(run)
+        if skip_windows:
+            per_pass = windows_per_pass(data, _window_length(run))
     if skip_windows and per_pass:
         first_pass, skip_windows = divmod(skip_windows % (per_pass * _PASSES), per_pass)
 
@@ -409,13 +434,6 @@ def make_dataset_fn(run: config_lib.RunConfig, skip_steps: int = 0) -> Callable:
         ds = functools.reduce(lambda a, b: a.concatenate(b), passes).repeat()
         if skip_windows:
             ds = ds.skip(skip_windows)
-        if ctx.num_input_pipelines > 1:
-            ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-        batch = ctx.get_per_replica_batch_size(data.global_batch_size)
-        # A fixed pipeline gains nothing from autotuning, and its thread made
-        # deleting a distributed iterator wait up to a minute (BUILD_NOTES.md).
-        options = tf.data.Options()
-        options.autotune.enabled = False
-        return ds.batch(batch, drop_remainder=True).prefetch(2).with_options(options)
+        return _per_replica_batches(ds, ctx, data.global_batch_size)
 
     return dataset_fn

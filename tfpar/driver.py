@@ -94,7 +94,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(run.seed)
-    evaluated_steps = data_lib.eval_steps(run)  # a bad --eval_fraction fails before the model is built
+    evaluated_steps = data_lib.evaluated_batches(run)  # a bad --eval_fraction fails before the model is built
     work_dir = _work_dir(run, adapter)
     caller_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(run.mixed_precision)
