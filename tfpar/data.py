@@ -335,7 +335,7 @@ def _examples(run: config_lib.RunConfig, start: int = 0, stop: Optional[int] = N
     data = run.data
     blocks = window_blocks(data, _window_length(run))
     if start or stop is not None:
-        def cut(done, block):  # windows before this block -> (and after, its windows in range)
+        def cut(done, block):  # (windows before the block, block) -> (windows to its end, those in range)
             size = tf.shape(block, out_type=tf.int64)[0]
             first = tf.clip_by_value(start - done, 0, size)
             last = size if stop is None else tf.clip_by_value(stop - done, 0, size)
