@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from tests.testbase import TestCase, absltest, np, tf, tiny_run
 from tfpar import config as config_lib
 from tfpar import data as data_lib
+from tfpar import sources
 
 
 def first_batches(run, n, context=None, skip_steps=0):
@@ -77,7 +78,7 @@ class DataTest(TestCase):
         with open(path, "wb") as f:
             f.write(text)
         data = self.run_config(dataset=f"text:{path}").data
-        self.assertEqual(b"".join(r.numpy() for r in data_lib.text_dataset(data)), text)
+        self.assertEqual(b"".join(r.numpy() for r in sources.text_dataset(data)), text)
         # Windows are the text's consecutive 33-byte pieces, across records; the last 16 bytes
         # (160,000 = 4,848 x 33 + 16), short of a window, are dropped.
         windows = next(iter(data_lib.token_windows(data, 33).batch(10_000))).numpy()
@@ -152,16 +153,16 @@ class DataTest(TestCase):
                 not_prepared, prepare as download:
             with no_proxy, self.assertRaisesRegex(ConnectionError, "^cannot connect to ai.stanford.edu:80 or "
                                                                    "storage.googleapis.com:443$"):
-                data_lib.text_dataset(imdb)
+                sources.text_dataset(imdb)
             download.assert_not_called()
             self.assertEqual([c.args[0] for c in connect.call_args_list],
                              [("ai.stanford.edu", 80), ("storage.googleapis.com", 443)])
             with mock.patch.object(urllib.request, "getproxies", return_value={"https": "http://proxy:3128"}):
                 with self.assertRaisesRegex(RuntimeError, "downloading"):  # through the proxy: no probe
-                    data_lib.text_dataset(imdb)
+                    sources.text_dataset(imdb)
         with mock.patch.object(socket, "create_connection"), no_proxy, not_prepared, prepare, \
                 self.assertRaisesRegex(RuntimeError, "downloading"):  # a host answers
-            data_lib.text_dataset(imdb)
+            sources.text_dataset(imdb)
 
     def test_a_hanging_name_lookup_is_under_the_probes_timeout(self):
         """getaddrinfo, which create_connection's timeout does not bound, can hang."""
@@ -175,7 +176,7 @@ class DataTest(TestCase):
         with mock.patch.object(socket, "create_connection", side_effect=hang), no_proxy:
             start = time.monotonic()
             with self.assertRaisesRegex(ConnectionError, "^cannot connect to example.org:443 or"):
-                data_lib._check_reachable(["https://example.org/x"], timeout=0.2)  # pylint: disable=protected-access
+                sources._check_reachable(["https://example.org/x"], timeout=0.2)  # pylint: disable=protected-access
             self.assertLess(time.monotonic() - start, 2.0)  # 2 hosts x 0.2 s, not 2 x 30 s
 
     def assertResumedBatchesEqual(self, run, skips, context=None):
@@ -193,7 +194,7 @@ class DataTest(TestCase):
             run = tiny_run(model=model, global_batch_size=8)
             run = run.replace(data=dataclasses.replace(run.data, dataset=f"text:{corpus}", data_dir=self.data_dir,
                                                        shuffle_buffer=16))
-            self.assertEqual(data_lib.windows_per_pass(run.data, length), 9000 // length)
+            self.assertEqual(sources.windows_per_pass(run.data, length), 9000 // length)
             per_pass_steps = 9000 // length / 8  # 34.1 and 35.1
             skips = (1, 34, 35, 36, 300, 16 * int(per_pass_steps) + 5)  # within, across passes, past 16
             self.assertResumedBatchesEqual(run, skips)
@@ -204,17 +205,17 @@ class DataTest(TestCase):
         # another Python may have changed since the data_dir was prepared).
         run = tiny_run(global_batch_size=8)
         run = run.replace(data=dataclasses.replace(run.data, data_dir=self.data_dir))
-        per_pass = data_lib.windows_per_pass(run.data, 33)
-        with mock.patch.object(data_lib, "_builtin_text", return_value="other text " * 100):
+        per_pass = sources.windows_per_pass(run.data, 33)
+        with mock.patch.object(sources, "_builtin_text", return_value="other text " * 100):
             self.assertResumedBatchesEqual(run, (per_pass // 8 + 2,))
 
     def test_only_sources_that_fit_in_memory_are_cached(self):
         corpus = self.create_tempfile(content="some text " * 100).full_path
-        self.assertTrue(data_lib.fits_in_memory(config_lib.DataConfig()))
-        self.assertTrue(data_lib.fits_in_memory(config_lib.DataConfig(dataset=f"text:{corpus}")))
-        self.assertFalse(data_lib.fits_in_memory(config_lib.DataConfig(dataset="tfds:lm1b")))
+        self.assertTrue(sources.fits_in_memory(config_lib.DataConfig()))
+        self.assertTrue(sources.fits_in_memory(config_lib.DataConfig(dataset=f"text:{corpus}")))
+        self.assertFalse(sources.fits_in_memory(config_lib.DataConfig(dataset="tfds:lm1b")))
         with mock.patch.object(os.path, "getsize", return_value=(256 << 20) + 1):
-            self.assertFalse(data_lib.fits_in_memory(config_lib.DataConfig(dataset=f"text:{corpus}")))
+            self.assertFalse(sources.fits_in_memory(config_lib.DataConfig(dataset=f"text:{corpus}")))
 
     def test_unknown_tfds_name_is_a_value_error(self):
         with self.assertRaisesRegex(ValueError, "unknown TFDS dataset.*no_such_dataset"):

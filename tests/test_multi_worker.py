@@ -326,10 +326,10 @@ class MultiWorkerProcessTest(absltest.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         # Prepare the TFDS directory once, so that workers only read it (they
-        # would otherwise prepare it one after another under data.py's lock).
+        # would otherwise prepare it one after another under sources.py's lock).
         cls.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "tfds")
-        code = ("from tfpar import config, data; "
-                f"data.text_dataset(config.DataConfig(data_dir={cls.data_dir!r}))")
+        code = ("from tfpar import config, sources; "
+                f"sources.text_dataset(config.DataConfig(data_dir={cls.data_dir!r}))")
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                        timeout=TIMEOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 

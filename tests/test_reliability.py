@@ -17,13 +17,13 @@ from tests.checkpoint_files import latest_backup_step
 from tests.testbase import (REPO_ROOT, TestCase, absltest, keras, np, parameterized, run_cli, tf, tiny_run,
                             weights_of)
 from tfpar import config as config_lib
-from tfpar import data as data_lib
 from tfpar import driver
 from tfpar import export as export_lib
 from tfpar import generate
 from tfpar import modeling
 from tfpar import models
 from tfpar import plan
+from tfpar import sources
 from tfpar import strategies
 from tfpar.strategies import default as default_strategy
 
@@ -230,9 +230,9 @@ class ResumeTest(TestCase):
         """pydoc's topics change between Python releases: the builtin corpus is hashed too."""
         work = self.create_tempdir().full_path
         self.train(tiny_run(model_dir=work, steps=2))
-        data_lib._builtin_digest.cache_clear()  # pylint: disable=protected-access
-        self.addCleanup(data_lib._builtin_digest.cache_clear)  # pylint: disable=protected-access
-        with mock.patch.object(data_lib, "_builtin_text", return_value="another Python's topics " * 400):
+        sources._builtin_digest.cache_clear()  # pylint: disable=protected-access
+        self.addCleanup(sources._builtin_digest.cache_clear)  # pylint: disable=protected-access
+        with mock.patch.object(sources, "_builtin_text", return_value="another Python's topics " * 400):
             with self.assertRaisesRegex(ValueError, r"Received: data_source='tfpar_text 1.1.0 sha1:[0-9a-f]{16}'; "
                                                     r"accepted: data_source='tfpar_text 1.1.0 sha1:[0-9a-f]{16}'"):
                 self.train(tiny_run(model_dir=work, steps=4))

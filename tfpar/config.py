@@ -43,14 +43,6 @@ DEFAULT_WARMUP_STEPS = 20
 DEFAULT_WEIGHT_DECAY = 0.1  # AdamW's (nanoGPT's); SGD takes none
 
 
-def warmup_steps_for(warmup_steps: Optional[int], total_steps: int) -> int:
-    """The warmup a run of `total_steps` takes: `warmup_steps`, or for None
-    DEFAULT_WARMUP_STEPS, shortened so that the run reaches the peak learning rate."""
-    if warmup_steps is None:
-        return min(DEFAULT_WARMUP_STEPS, max(total_steps - 1, 0))
-    return warmup_steps
-
-
 # size -> (d_model, num_layers, num_heads, mlp_dim, default seq_len)
 MODEL_SIZES = {
     "tiny": (64, 2, 4, 256, 32),

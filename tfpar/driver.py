@@ -25,6 +25,7 @@ from tfpar import data as data_lib
 from tfpar import export as export_lib
 from tfpar import modeling
 from tfpar import plan as plan_lib
+from tfpar import sources
 from tfpar import training
 from tfpar import models
 from tfpar import strategies
@@ -94,7 +95,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(run.seed)
-    evaluated_steps = data_lib.evaluated_batches(run)  # a bad --eval_fraction fails before the model is built
+    eval_batches = data_lib.evaluated_batches(run)  # a bad --eval_fraction fails before the model is built
     work_dir = _work_dir(run, adapter)
     caller_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(run.mixed_precision)
@@ -133,12 +134,12 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
             # Written once the resume is accepted (a refused rerun leaves the model_dir as it
             # was), atomically: other workers may read it.
             write_json(os.path.join(work_dir, "config.json"),
-                       {**dataclasses.asdict(run), "data_source": data_lib.source_version(run.data)})
+                       {**dataclasses.asdict(run), "data_source": sources.source_version(run.data)})
             callbacks += [*fit_callbacks(run, adapter, model, work_dir, recorder, start_step), backup]
             if start_step and run.verbose:
                 print(f"tfpar: resuming from the backup at step {start_step}", flush=True)
         start = time.perf_counter()
-        _fit_from(run, adapter, model, start_step, callbacks, work_dir, evaluated_steps)
+        _fit_from(run, adapter, model, start_step, callbacks, work_dir, eval_batches)
         wall = time.perf_counter() - start
         if recorder.non_finite_step is not None:
             raise FloatingPointError(
@@ -188,14 +189,14 @@ def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
     with open(path) as f:
         saved = json.load(f)
     current = json.loads(json.dumps(dataclasses.asdict(run)))  # tuples as the JSON's lists
-    current["data_source"] = data_lib.source_version(run.data)  # e.g. a text file edited since
+    current["data_source"] = sources.source_version(run.data)  # e.g. a text file edited since
     # Defaults were written as values before they became None (warmup 20, weight decay 0.1).
     if saved.get("warmup_steps") == config_lib.DEFAULT_WARMUP_STEPS and run.warmup_steps is None:
         saved["warmup_steps"] = None
     for config in (current, saved):
         # A resumed run takes the schedule of its own length (more steps extend a run): a
         # default warmup is compared as the steps it means for that length.
-        config["warmup_steps"] = config_lib.warmup_steps_for(config.get("warmup_steps"), run.total_steps)
+        config["warmup_steps"] = training.warmup_steps_for(config.get("warmup_steps"), run.total_steps)
         if config.get("optimizer") == "sgd":  # SGD never applied a weight decay
             config["weight_decay"] = None
         elif config.get("weight_decay") is None:
@@ -232,9 +233,9 @@ def _tensorboard(run: config_lib.RunConfig, work_dir: Optional[str], steps_done:
 
 
 def _fit_from(run, adapter, model, start_step: int, callbacks, work_dir: Optional[str] = None,
-              evaluated_steps: int = 0) -> None:
+              eval_batches: int = 0) -> None:
     """Runs `fit` for the steps after `start_step`, on exactly the batches not yet seen,
-    evaluating `evaluated_steps` held-out batches after each epoch.
+    evaluating `eval_batches` held-out batches after each epoch.
 
     A run resumed mid-epoch first finishes that epoch, then runs whole epochs;
     one resumed at or past its last step trains nothing.
@@ -242,9 +243,9 @@ def _fit_from(run, adapter, model, start_step: int, callbacks, work_dir: Optiona
     if start_step >= run.total_steps:
         return
     evaluation = {}
-    if evaluated_steps:
+    if eval_batches:
         evaluation = dict(validation_data=adapter.distribute_dataset(data_lib.make_eval_dataset_fn(run)),
-                          validation_steps=evaluated_steps)
+                          validation_steps=eval_batches)
     epoch, offset = divmod(start_step, run.steps_per_epoch)
     if offset:
         dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run, skip_steps=start_step))

@@ -295,6 +295,14 @@ class TrainStep:
         return grad_fn
 
 
+def warmup_steps_for(warmup_steps: Optional[int], total_steps: int) -> int:
+    """The warmup a run of `total_steps` takes: `warmup_steps`, or for None
+    DEFAULT_WARMUP_STEPS, shortened so that the run reaches the peak learning rate."""
+    if warmup_steps is None:
+        return min(config_lib.DEFAULT_WARMUP_STEPS, max(total_steps - 1, 0))
+    return warmup_steps
+
+
 def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
                     warmup_steps: Optional[int], weight_decay: Optional[float],
                     grad_clip_norm: float = 0.0) -> keras.optimizers.Optimizer:
@@ -309,7 +317,7 @@ def build_optimizer(name: str, *, learning_rate: float, total_steps: int,
     steps so that it reaches the peak; a given number is kept even if the run ends
     before its warmup does.
     """
-    warmup = config_lib.warmup_steps_for(warmup_steps, total_steps)
+    warmup = warmup_steps_for(warmup_steps, total_steps)
     # The warmup starts at lr / (warmup + 1), as nanoGPT's (it + 1) / (warmup + 1): from 0,
     # Keras's default, the first step would leave the weights as they are.
     schedule = keras.optimizers.schedules.CosineDecay(
