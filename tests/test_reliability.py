@@ -50,7 +50,9 @@ class ResumeTest(TestCase):
         killed_dir = f"{work}/killed"
         proc = subprocess.Popen([sys.executable, "-m", "tfpar.train", *RUN_FLAGS, data,
                                  f"--model_dir={killed_dir}"], cwd=REPO_ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                # A killed process cannot delete its temporary files (AutoGraph's).
+                                env={**os.environ, "TMPDIR": self.create_tempdir().full_path})
         try:
             deadline = time.time() + 240
             while time.time() < deadline and latest_backup_step(f"{killed_dir}/backup") < 4:
