@@ -36,6 +36,7 @@ CASES = [
     ("eval_fraction_out_of_range", "tfpar.train", ["--eval_fraction=1"], None, ["eval_fraction=1.0", "[0, 1)"]),
     ("eval_steps_without_eval_fraction", "tfpar.train", ["--eval_steps=2"], None, ["eval_steps=2", "--eval_fraction > 0"]),
     ("eval_fraction_of_tfds", "tfpar.train", ["--dataset=tfds:mnist", "--eval_fraction=0.1"], None, ["eval_fraction", "tfds:NAME"]),
+    ("eval_split_of_builtin", "tfpar.train", ["--eval_split=validation"], None, ["eval_split='validation'", "tfds:NAME"]),
     ("eval_fraction_too_small", "tfpar.train", ["--strategy=default", "--eval_fraction=0.0001"], None, ["holds out", "0 global batches"]),
     ("out_of_memory", "tfpar.train", ["--seq_len=600000", "--steps_per_epoch=1", "--epochs=1"], None, ["out of memory", "seq_len=600000"]),
     ("dropout_out_of_range", "tfpar.train", ["--dropout=1.5"], None, ["dropout", "[0, 1)"]),

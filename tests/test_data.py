@@ -10,6 +10,7 @@ from unittest import mock
 
 import tensorflow_datasets as tfds
 
+from tests import tfds_splits
 from tests.testbase import TestCase, absltest, np, tf, tiny_run
 from tfpar import config as config_lib
 from tfpar import data as data_lib
@@ -130,6 +131,34 @@ class DataTest(TestCase):
             with self.assertRaisesRegex(ValueError, text):
                 data_lib.evaluated_batches(self.run_config(dataset=f"text:{path}", global_batch_size=4,
                                                     eval_fraction=fraction).replace(eval_steps=steps))
+
+    def test_a_tfds_sources_eval_split_is_evaluated_in_order_and_never_trained_on(self):
+        data_dir = self.create_tempdir().full_path
+        tfds_splits.TfparTestSplits(data_dir=data_dir).download_and_prepare()
+        run = self.run_config(dataset="tfds:tfpar_test_splits", data_dir=data_dir, global_batch_size=4,
+                              eval_split="validation")
+        trained = {int(t) for x, y in first_batches(run, 20) for t in x.flat}
+        self.assertTrue(trained <= set(tfds_splits.TRAIN), trained - set(tfds_splits.TRAIN))
+        self.assertEqual(data_lib.evaluated_batches(run), 10)  # 40 windows in batches of 4
+        two = run.replace(eval_steps=2)
+        self.assertEqual(data_lib.evaluated_batches(two), 2)
+        evaluated = data_lib.make_eval_dataset_fn(two)(None).take(4)  # repeated: the same each time
+        self.assertEqual([[int(t) for t in x[:, 0]] for x, y in evaluated], [[0, 1, 2, 3], [4, 5, 6, 7]] * 2)
+        for i, expected in enumerate(([0, 2], [1, 3])):  # 2 input pipelines
+            first = next(iter(data_lib.make_eval_dataset_fn(two)(tf.distribute.InputContext(2, i, 2))))
+            self.assertEqual([int(t) for t in first[0][:, 0]], expected)
+        half = self.run_config(dataset="tfds:tfpar_test_splits", data_dir=data_dir, global_batch_size=4,
+                               eval_split="validation[:50%]")  # 7 of 14 records: 700 bytes, 21 windows
+        self.assertEqual(data_lib.evaluated_batches(half), 5)
+        with self.assertRaisesRegex(ValueError, r"^--eval_split holds 40 windows, 10 global batches of 4\. "
+                                                r"Received: eval_split='validation', eval_steps=11;"):
+            data_lib.evaluated_batches(run.replace(eval_steps=11))
+        unknown = self.run_config(dataset="tfds:tfpar_test_splits", data_dir=data_dir, eval_split="valdation")
+        with self.assertRaisesRegex(ValueError, r"^--eval_split: TFDS cannot read that split .*"
+                                                r"accepted: one of \['train', 'validation'\]"):
+            data_lib.evaluated_batches(unknown)
+        with self.assertRaisesRegex(ValueError, "^--eval_split names a split of a tfds:NAME source"):
+            self.run_config(eval_split="validation")
 
     def test_tfds_source_with_mock_data(self):
         # No --data_dir: the download path, which mock_data replaces (nothing is fetched); tfpar's

@@ -208,6 +208,12 @@ class ResumeTest(TestCase):
             self.train(tiny_run(model_dir=work, steps=4, warmup_steps=20))
         self.assertIsNone(driver._resume_refusal(tiny_run(model_dir=work, steps=4, warmup_steps=3)))  # pylint: disable=protected-access
         self.assertIsNone(driver._resume_refusal(tiny_run(model_dir=work, steps=40, warmup_steps=20)))  # pylint: disable=protected-access
+        # What is evaluated is never trained on: another --eval_split may resume a run.
+        resumed = json.loads(saved)
+        resumed["data"]["eval_split"] = "validation"
+        with open(f"{work}/config.json", "w") as f:
+            json.dump(resumed, f)
+        self.assertIsNone(driver._resume_refusal(tiny_run(model_dir=work, steps=4, grad_clip_norm=1.0)))  # pylint: disable=protected-access
         os.remove(f"{work}/config.json")  # e.g. a backup older than config.json: the restore refuses
         with self.assertRaisesRegex(ValueError, "another run"):
             self.train(tiny_run(model_dir=work, steps=4, model="seq2seq"))

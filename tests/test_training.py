@@ -1,10 +1,12 @@
 """What every strategy shares: AdamW's decay exclusions, the learning-rate schedule, the dtype
 gradients are summed in, and the held-out evaluation."""
 
+import dataclasses
 import re
 import types
 from unittest import mock
 
+from tests import tfds_splits
 from tests.testbase import TestCase, absltest, keras, np, parameterized, reset_devices, tf, tiny_run
 from tfpar import callbacks as callbacks_lib
 from tfpar import config as config_lib
@@ -285,6 +287,18 @@ class HeldOutEvaluationTest(TestCase):
                 result = self.train(held_out_run(strategy, count, parallel))
                 self.assertLossesClose(default.metrics["step_losses"], result.metrics["step_losses"])
                 self.assertLossesClose(losses, result.metrics["val_losses"], rtol=1e-5)
+
+    def test_a_tfds_sources_eval_split_is_evaluated_after_each_epoch(self):
+        data_dir = self.create_tempdir().full_path
+        tfds_splits.TfparTestSplits(data_dir=data_dir).download_and_prepare()
+        run = tiny_run(steps=2, epochs=2, data_dir=data_dir)
+        run = run.replace(data=dataclasses.replace(run.data, dataset="tfds:tfpar_test_splits",
+                                                   eval_split="validation"), eval_steps=2)
+        result = self.train(run)
+        by_hand = [float(result.model.loss(y, result.model(x, training=False)))
+                   for x, y in data_lib.make_eval_dataset_fn(run)(None).take(2)]
+        self.assertLen(result.metrics["val_losses"], 2)
+        self.assertAlmostEqual(result.metrics["val_losses"][1], np.mean(by_hand), places=5)
 
 
 if __name__ == "__main__":

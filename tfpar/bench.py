@@ -65,7 +65,8 @@ _SET_PER_CELL = {
     "model_dir": "--out_dir", "metrics_json": "--out_dir", "verbose": "nothing (cells run quietly)",
     "export_dir": "tfpar-train --export_dir", "plan_only": "tfpar-train --plan_only",
     "backup_every_steps": "tfpar-train --backup_every_steps", "profile_steps": "tfpar-train --profile_steps",
-    "eval_fraction": "tfpar-train --eval_fraction", "eval_steps": "tfpar-train --eval_steps"}
+    "eval_fraction": "tfpar-train --eval_fraction", "eval_steps": "tfpar-train --eval_steps",
+    "eval_split": "tfpar-train --eval_split"}
 
 
 def strategy_options() -> dict:

@@ -176,21 +176,13 @@ class DataConfig:
     seed: int = 0
     shuffle_buffer: int = 10_000
     eval_fraction: float = 0.0  # the source's last windows, held out of training for evaluation
+    eval_split: str = ""  # a tfds:NAME source's split evaluated instead, e.g. "validation"
 
     def __post_init__(self):
         positive("global_batch_size", self.global_batch_size)
         positive("seq_len", self.seq_len)
         valid_seed("seed", self.seed)
         kind, _, arg = self.dataset.partition(":")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(
-                f"--eval_fraction must be in [0, 1). Received: eval_fraction={self.eval_fraction}; "
-                f"accepted: a fraction of the text's windows, e.g. 0.1 (0: no evaluation).")
-        if self.eval_fraction and kind == "tfds":
-            raise ValueError(
-                f"--eval_fraction holds out the end of a builtin or text:PATH source. Received: "
-                f"dataset={self.dataset!r}, eval_fraction={self.eval_fraction}; accepted: "
-                f"--eval_fraction=0 with tfds:NAME.")
         if kind in ("builtin", "text"):  # prepared into data_dir (TFDS datasets are only read)
             writable_path("data_dir", self.data_dir, directory=True)
         choice("dataset", kind if arg or kind == "builtin" else self.dataset,
@@ -203,6 +195,19 @@ class DataConfig:
             raise ValueError(
                 f"--dataset: text file not found. Received: dataset={self.dataset!r}; "
                 "accepted: text:PATH to an existing file.")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(
+                f"--eval_fraction must be in [0, 1). Received: eval_fraction={self.eval_fraction}; "
+                f"accepted: a fraction of the text's windows, e.g. 0.1 (0: no evaluation).")
+        if self.eval_fraction and kind == "tfds":
+            raise ValueError(
+                f"--eval_fraction holds out the end of a builtin or text:PATH source. Received: "
+                f"dataset={self.dataset!r}, eval_fraction={self.eval_fraction}; accepted: "
+                f"--eval_fraction=0 with tfds:NAME (its own split: --eval_split).")
+        if self.eval_split and kind != "tfds":
+            raise ValueError(
+                f"--eval_split names a split of a tfds:NAME source. Received: dataset={self.dataset!r}, "
+                f"eval_split={self.eval_split!r}; accepted: --eval_fraction with builtin or text:PATH.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,11 +342,12 @@ class RunConfig:
             positive("warmup_steps", self.warmup_steps, allow_zero=True)
         positive("backup_every_steps", self.backup_every_steps, allow_zero=True)
         positive("eval_steps", self.eval_steps, allow_zero=True)
-        if self.eval_steps and not self.data.eval_fraction:
+        if self.eval_steps and not (self.data.eval_fraction or self.data.eval_split):
             raise ValueError(
-                f"--eval_steps evaluates the windows --eval_fraction holds out. Received: "
+                f"--eval_steps counts the batches evaluated of --eval_fraction's (or --eval_split's) "
+                f"windows. Received: "
                 f"eval_steps={self.eval_steps}, eval_fraction=0.0; accepted: --eval_fraction > 0 "
-                f"with --eval_steps.")
+                f"(or --eval_split with tfds:NAME) with --eval_steps.")
         valid_seed("seed", self.seed)
         if self.plan_only and self.export_dir:
             raise ValueError(

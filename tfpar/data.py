@@ -28,15 +28,16 @@ def token_windows(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
     return window_blocks(data, length).unbatch()
 
 
-def window_blocks(data: config_lib.DataConfig, length: int) -> tf.data.Dataset:
-    """The windows of `token_windows`, one block [n, length] per record of the source.
+def window_blocks(data: config_lib.DataConfig, length: int, split: str = "train") -> tf.data.Dataset:
+    """The windows of `token_windows`, one block [n, length] per record of the source's
+    `split`.
 
     Work done per block instead of per window is ~100 times cheaper in tf.data: cutting
     the byte stream byte by byte (`unbatch().batch(length)`), or mapping each window,
     took ~0.25 s for every 10,000 windows, and a new iterator fills its 10,000-window
     shuffle buffer before the first batch.
     """
-    texts = sources.text_dataset(data)
+    texts = sources.text_dataset(data, split)
     tokens_seen = 0
     for text in texts:  # stops at the first record for any real corpus
         tokens_seen += len(text.numpy())
@@ -92,22 +93,27 @@ def _window_length(run: config_lib.RunConfig) -> int:
     return run.data.seq_len + 1 if run.model.name == "gpt" else run.data.seq_len
 
 
-def _examples(run: config_lib.RunConfig, start: int = 0, stop: Optional[int] = None) -> tf.data.Dataset:
-    """The source's windows [start, stop) (all by default) as (x, y) examples of the run's
-    model, in order.
+def _examples(run: config_lib.RunConfig, start: int = 0, stop: Optional[int] = None,
+              split: str = "train") -> tf.data.Dataset:
+    """The windows [start, stop) (all by default) of the source's `split` as (x, y)
+    examples of the run's model, in order.
 
-    The range is cut block by block and every block is read, so that `window_blocks`'s
-    cache is completed (a partly read cache is dropped, and the source read again).
+    The range is cut block by block. A cached source is read to its end, so that
+    `window_blocks`'s cache is completed (a partly read cache is dropped, and the source
+    read again); one read from disk on every pass stops after `stop`.
     """
     data = run.data
-    blocks = window_blocks(data, _window_length(run))
+    blocks = window_blocks(data, _window_length(run), split)
     if start or stop is not None:
-        def cut(done, block):  # (windows before the block, block) -> (windows to its end, those in range)
+        def cut(done, block):  # (windows before the block, block) -> (windows to its end, (done, those in range))
             size = tf.shape(block, out_type=tf.int64)[0]
             first = tf.clip_by_value(start - done, 0, size)
             last = size if stop is None else tf.clip_by_value(stop - done, 0, size)
-            return done + size, block[first:last]
+            return done + size, (done, block[first:last])
         blocks = blocks.scan(tf.constant(0, tf.int64), cut)
+        if stop is not None and not sources.fits_in_memory(data):
+            blocks = blocks.take_while(lambda done, _: done < stop)
+        blocks = blocks.map(lambda _, block: block)
     if run.model.name == "gpt":
         return blocks.map(causal_example).unbatch()
     # Not cached: masks are a pure function of the window's index, cheap to draw again,
@@ -121,22 +127,40 @@ def _held_out(run: config_lib.RunConfig) -> Tuple[int, int]:
     return windows, int(windows * run.data.eval_fraction + 1e-9)  # 3300 * 0.29 = 956.99...
 
 
+def _split_windows(run: config_lib.RunConfig, limit: int) -> int:
+    """The windows of the source's --eval_split, counted by reading it (up to about
+    `limit` of them; 0: all)."""
+    def count(done, block):  # -> (windows to the block's end, (windows before it, to its end))
+        end = done + tf.shape(block, out_type=tf.int64)[0]
+        return end, (done, end)
+    ends = window_blocks(run.data, _window_length(run), run.data.eval_split).scan(tf.constant(0, tf.int64), count)
+    if limit:
+        ends = ends.take_while(lambda done, _: done < limit)
+    return int(ends.reduce(tf.constant(0, tf.int64), lambda _, before_and_end: before_and_end[1]))
+
+
 def evaluated_batches(run: config_lib.RunConfig) -> int:
-    """The held-out global batches evaluated after each epoch (0 without --eval_fraction).
+    """The held-out global batches evaluated after each epoch (0 without --eval_fraction
+    or --eval_split).
 
     Raises:
       ValueError: if fewer windows are held out than one global batch, or than --eval_steps asks.
     """
-    if not run.data.eval_fraction:
+    data = run.data
+    if data.eval_split:
+        held_out = _split_windows(run, run.eval_steps * data.global_batch_size)
+        what, received = f"--eval_split holds {held_out} windows", f"eval_split={data.eval_split!r}"
+    elif data.eval_fraction:
+        _, held_out = _held_out(run)
+        what, received = f"--eval_fraction holds out {held_out} windows", f"eval_fraction={data.eval_fraction}"
+    else:
         return 0
-    _, held_out = _held_out(run)
-    batches = held_out // run.data.global_batch_size
+    batches = held_out // data.global_batch_size
     if not batches or run.eval_steps > batches:
         raise ValueError(
-            f"--eval_fraction holds out {held_out} windows, {batches} global batches of "
-            f"{run.data.global_batch_size}. Received: eval_fraction={run.data.eval_fraction}, "
-            f"eval_steps={run.eval_steps}; accepted: an --eval_fraction holding at least "
-            f"{max(run.eval_steps, 1) * run.data.global_batch_size} windows.")
+            f"{what}, {batches} global batches of {data.global_batch_size}. Received: {received}, "
+            f"eval_steps={run.eval_steps}; accepted: {'a split' if data.eval_split else 'an --eval_fraction'} "
+            f"holding at least {max(run.eval_steps, 1) * data.global_batch_size} windows.")
     return run.eval_steps or batches
 
 
@@ -153,15 +177,18 @@ def _per_replica_batches(ds: tf.data.Dataset, ctx: tf.distribute.InputContext,
             .prefetch(2).with_options(options))
 
 
-def make_eval_dataset_fn(run: config_lib.RunConfig) -> Callable:
+def make_eval_dataset_fn(run: config_lib.RunConfig, batches: int = 0) -> Callable:
     """Returns `dataset_fn(input_context=None)` giving per-replica batches of the held-out
-    windows, in order: `evaluated_batches(run)` global batches, repeated, so that every
+    windows (or the --eval_split's), in order: `batches` global batches (default
+    `evaluated_batches(run)`, which may read the whole split), repeated, so that every
     evaluation reads the same ones however Keras iterates."""
-    (windows, held_out), batches = _held_out(run), evaluated_batches(run)
-    first = windows - held_out
+    batches, split, first = batches or evaluated_batches(run), run.data.eval_split or "train", 0
+    if not run.data.eval_split:
+        windows, held_out = _held_out(run)
+        first = windows - held_out
 
     def dataset_fn(input_context: Optional[tf.distribute.InputContext] = None):
-        ds = _examples(run, first, first + batches * run.data.global_batch_size).repeat()
+        ds = _examples(run, first, first + batches * run.data.global_batch_size, split).repeat()
         return _per_replica_batches(ds, input_context or tf.distribute.InputContext(), run.data.global_batch_size)
 
     return dataset_fn

@@ -95,7 +95,7 @@ def train(run: config_lib.RunConfig, adapter=None, extra_callbacks=()) -> TrainR
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(run.seed)
-    eval_batches = data_lib.evaluated_batches(run)  # a bad --eval_fraction fails before the model is built
+    eval_batches = data_lib.evaluated_batches(run)  # a bad --eval_split or fraction fails before the model
     work_dir = _work_dir(run, adapter)
     caller_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(run.mixed_precision)
@@ -205,7 +205,9 @@ def _resume_refusal(run: config_lib.RunConfig) -> Optional[str]:
         config.setdefault("data", {}).setdefault("eval_fraction", 0.0)  # nor held out any text
     if current["data_source"].startswith(f"{saved.get('data_source')} sha1:"):
         saved["data_source"] = current["data_source"]  # saved before the builtin text's hash was
-    compared = [(current["data"], saved.get("data", {}), [k for k in current["data"] if k != "data_dir"]),
+    # Where data lives, and what is evaluated (never trained on), may change.
+    data_keys = [k for k in current["data"] if k not in ("data_dir", "eval_split")]
+    compared = [(current["data"], saved.get("data", {}), data_keys),
                 (current["model"], saved.get("model", {}), list(current["model"])),
                 (current, saved, (*_RESUMED_SETTINGS, "data_source"))]
     changed = {k: (now[k], before[k]) for now, before, keys in compared for k in keys
@@ -244,7 +246,7 @@ def _fit_from(run, adapter, model, start_step: int, callbacks, work_dir: Optiona
         return
     evaluation = {}
     if eval_batches:
-        evaluation = dict(validation_data=adapter.distribute_dataset(data_lib.make_eval_dataset_fn(run)),
+        evaluation = dict(validation_data=adapter.distribute_dataset(data_lib.make_eval_dataset_fn(run, eval_batches)),
                           validation_steps=eval_batches)
     epoch, offset = divmod(start_step, run.steps_per_epoch)
     if offset:

@@ -147,16 +147,17 @@ def _text_builder(data: config_lib.DataConfig) -> TfparText:
         return _prepared(lambda: TfparText(data_dir=data.data_dir, config=builder_config))
 
 
-def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
-    """A dataset of scalar `tf.string` texts for `data.dataset`.
+def text_dataset(data: config_lib.DataConfig, split: str = "train") -> tf.data.Dataset:
+    """A dataset of scalar `tf.string` texts for `data.dataset`: its `split` (a TFDS split
+    name, sliced or not; builtin and text:PATH sources have only "train").
 
     Raises:
       ValueError: for an unknown TFDS name, one not prepared in `data.data_dir`,
-        or a dataset without a text feature.
+        a dataset without a text feature, or a split it does not have.
     """
     kind, _, arg = data.dataset.partition(":")
     if kind in ("builtin", "text"):
-        return _text_builder(data).as_dataset(split="train", shuffle_files=False).map(lambda ex: ex["text"])
+        return _text_builder(data).as_dataset(split=split, shuffle_files=False).map(lambda ex: ex["text"])
     try:
         with _tfds_warnings_off():  # TFDS warns about each version folder it cannot read
             builder = tfds.builder(arg, data_dir=data.data_dir)
@@ -184,7 +185,16 @@ def text_dataset(data: config_lib.DataConfig) -> tf.data.Dataset:
         _check_reachable(builder.url_infos or {})
         builder.download_and_prepare()
     key = "text" if "text" in keys else keys[0]
-    return builder.as_dataset(split="train").map(lambda ex: ex[key])
+    try:
+        if builder.info.splits:  # known once prepared (tfds.testing.mock_data knows none)
+            builder.info.splits[split]  # parses a slice too, e.g. validation[:10%]
+    except (KeyError, ValueError, AssertionError) as e:
+        reason = (str(e).strip().strip('"').splitlines() or [type(e).__name__])[0].rstrip(".")
+        raise ValueError(
+            f"--eval_split: TFDS cannot read that split ({reason}). Received: dataset={data.dataset!r}, "
+            f"eval_split={split!r}; accepted: one of {sorted(builder.info.splits)}, or a slice of "
+            f"one such as validation[:10%].") from None
+    return builder.as_dataset(split=split).map(lambda ex: ex[key])
 
 
 def _check_reachable(urls, timeout: float = 3.0) -> None:

@@ -71,6 +71,8 @@ flags.DEFINE_string("dataset", "builtin", "builtin, text:PATH or tfds:NAME.")
 flags.DEFINE_float("eval_fraction", 0.0, "Hold out this fraction of a builtin or text:PATH source's "
                    "windows, its end (nanoGPT's val split), and report their loss after each epoch "
                    "(val_loss); 0: no evaluation.")
+flags.DEFINE_string("eval_split", "", "Evaluate this split of a tfds:NAME source after each epoch "
+                    "(val_loss), e.g. validation, or a slice such as validation[:10%]; '': none.")
 flags.DEFINE_integer("eval_steps", 0, "Held-out global batches evaluated after each epoch (0: all).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 flags.DEFINE_string("model_dir", None, "Checkpoints, backup, TensorBoard logs and final weights.")
@@ -142,7 +144,8 @@ def config_from_flags(parallel: Optional[config_lib.ParallelConfig] = None,
     dataset = f"{kind}:{os.path.abspath(os.path.expanduser(source))}" if kind == "text" and colon else FLAGS.dataset
     data = config_lib.DataConfig(
         dataset=dataset, data_dir=expand_path(FLAGS.data_dir), global_batch_size=FLAGS.global_batch_size,
-        seq_len=model.seq_len, seed=FLAGS.seed, eval_fraction=FLAGS.eval_fraction)
+        seq_len=model.seq_len, seed=FLAGS.seed, eval_fraction=FLAGS.eval_fraction,
+        eval_split=FLAGS.eval_split)
     parallel = parallel or config_lib.ParallelConfig(**parallel_options_from_flags(accelerator))
     jit_compile = FLAGS.jit_compile
     if jit_compile is None:  # not given: XLA where it was measured faster
