@@ -335,14 +335,18 @@ class DeterminismTest(TestCase):
             def on_train_begin(self, logs=None):
                 self.during_fit = tf_config.is_op_determinism_enabled()
 
+        # On CPUs every op is deterministic anyway: with dropout, the runs are equal only if
+        # every replica's dropout masks are seeded too.
         for strategy, count in (("default", 0), ("mirrored", 2)):
             run = tiny_run(strategy, devices_count=count, deterministic=True, data_dir=self.data_dir)
+            run = run.replace(model=dataclasses.replace(run.model, dropout=0.1))
             probe = Probe()
             a = driver.train(run, extra_callbacks=[probe])
             self.assertTrue(probe.during_fit, strategy)  # TF's op determinism on inside fit
             self.assertFalse(tf_config.is_op_determinism_enabled(), strategy)  # and off again
-            b = self.train(run)
-            self.assertEqual(a.metrics["step_losses"], b.metrics["step_losses"], strategy)
+            if strategy == "mirrored":
+                b = self.train(run)
+                self.assertEqual(a.metrics["step_losses"], b.metrics["step_losses"])
 
 
 class NonFiniteLossTest(TestCase):
