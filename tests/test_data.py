@@ -157,8 +157,19 @@ class DataTest(TestCase):
         with self.assertRaisesRegex(ValueError, r"^--eval_split: TFDS cannot read that split .*"
                                                 r"accepted: one of \['train', 'validation'\]"):
             data_lib.evaluated_batches(unknown)
+        empty = self.run_config(dataset="tfds:tfpar_test_splits", data_dir=data_dir, eval_split="validation[100%:]")
+        with self.assertRaisesRegex(ValueError, r"^--eval_split: TFDS cannot read that split \(Instruction \[\] "
+                                                r"corresponds to no data!\)\. Received: .*'validation\[100%:\]'"):
+            data_lib.evaluated_batches(empty)
+        short = self.run_config(dataset="tfds:tfpar_test_splits", data_dir=data_dir, eval_split="validation[:1]")
+        with self.assertRaisesRegex(ValueError, r"^--eval_split holds too little text for one window\. Received: "
+                                                r".*eval_split='validation\[:1\]' with 100 tokens"):  # 1 record
+            data_lib.window_blocks(short.data, 128, short.data.eval_split)
         with self.assertRaisesRegex(ValueError, "^--eval_split names a split of a tfds:NAME source"):
             self.run_config(eval_split="validation")
+        for trained_on in ("train", "test+train[:5%]"):
+            with self.assertRaisesRegex(ValueError, "^--eval_split must not hold windows tfpar trains on"):
+                self.run_config(dataset="tfds:tfpar_test_splits", eval_split=trained_on)
 
     def test_tfds_source_with_mock_data(self):
         # No --data_dir: the download path, which mock_data replaces (nothing is fetched); tfpar's

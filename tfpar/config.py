@@ -208,6 +208,10 @@ class DataConfig:
             raise ValueError(
                 f"--eval_split names a split of a tfds:NAME source. Received: dataset={self.dataset!r}, "
                 f"eval_split={self.eval_split!r}; accepted: --eval_fraction with builtin or text:PATH.")
+        if any(part.partition("[")[0].strip() == "train" for part in self.eval_split.split("+")):
+            raise ValueError(
+                f"--eval_split must not hold windows tfpar trains on. Received: eval_split="
+                f"{self.eval_split!r}; accepted: another split, e.g. validation or test.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,10 +348,9 @@ class RunConfig:
         positive("eval_steps", self.eval_steps, allow_zero=True)
         if self.eval_steps and not (self.data.eval_fraction or self.data.eval_split):
             raise ValueError(
-                f"--eval_steps counts the batches evaluated of --eval_fraction's (or --eval_split's) "
-                f"windows. Received: "
-                f"eval_steps={self.eval_steps}, eval_fraction=0.0; accepted: --eval_fraction > 0 "
-                f"(or --eval_split with tfds:NAME) with --eval_steps.")
+                f"--eval_steps needs windows to evaluate. Received: eval_steps={self.eval_steps}, "
+                f"eval_fraction=0.0, eval_split=''; accepted: --eval_fraction > 0 (or --eval_split "
+                f"with tfds:NAME) with --eval_steps.")
         valid_seed("seed", self.seed)
         if self.plan_only and self.export_dir:
             raise ValueError(

@@ -44,9 +44,10 @@ def window_blocks(data: config_lib.DataConfig, length: int, split: str = "train"
         if tokens_seen >= length:
             break
     else:
+        which = f"dataset={data.dataset!r}" + (f", eval_split={split!r}" if split != "train" else "")
         raise ValueError(
-            f"--dataset holds too little text for one training window. Received: "
-            f"dataset={data.dataset!r} with {tokens_seen} tokens (bytes); accepted: at least "
+            f"--{'eval_split' if split != 'train' else 'dataset'} holds too little text for one "
+            f"window. Received: {which} with {tokens_seen} tokens (bytes); accepted: at least "
             f"{length} tokens for --seq_len={data.seq_len}.")
     blocks = texts.scan(tf.zeros([0], tf.uint8), _cut_windows(length))
     if sources.fits_in_memory(data):

@@ -185,16 +185,24 @@ def text_dataset(data: config_lib.DataConfig, split: str = "train") -> tf.data.D
         _check_reachable(builder.url_infos or {})
         builder.download_and_prepare()
     key = "text" if "text" in keys else keys[0]
+    # An evaluation reads the split's first batches only: TFDS's cache of a small dataset
+    # would be dropped, unfinished, every time (and warn so).
+    read_config = tfds.ReadConfig(try_autocache=split == "train")
     try:
         if builder.info.splits:  # known once prepared (tfds.testing.mock_data knows none)
             builder.info.splits[split]  # parses a slice too, e.g. validation[:10%]
+        texts = builder.as_dataset(split=split, read_config=read_config)  # an empty slice fails here
     except (KeyError, ValueError, AssertionError) as e:
         reason = (str(e).strip().strip('"').splitlines() or [type(e).__name__])[0].rstrip(".")
+        if split == "train":
+            raise ValueError(
+                f"--dataset: TFDS dataset has no train split to train on ({reason}). Received: "
+                f"dataset={data.dataset!r}; accepted: a dataset with a 'train' split.") from None
         raise ValueError(
             f"--eval_split: TFDS cannot read that split ({reason}). Received: dataset={data.dataset!r}, "
             f"eval_split={split!r}; accepted: one of {sorted(builder.info.splits)}, or a slice of "
             f"one such as validation[:10%].") from None
-    return builder.as_dataset(split=split).map(lambda ex: ex[key])
+    return texts.map(lambda ex: ex[key])
 
 
 def _check_reachable(urls, timeout: float = 3.0) -> None:
