@@ -106,7 +106,7 @@ def _examples(run: config_lib.RunConfig, start: int = 0, stop: Optional[int] = N
     data = run.data
     blocks = window_blocks(data, _window_length(run), split)
     if start or stop is not None:
-        def cut(done, block):  # (windows before the block, block) -> (windows to its end, (done, those in range))
+        def cut(done, block):  # (windows before the block, block) -> (to its end, (done, those in range))
             size = tf.shape(block, out_type=tf.int64)[0]
             first = tf.clip_by_value(start - done, 0, size)
             last = size if stop is None else tf.clip_by_value(stop - done, 0, size)
@@ -134,7 +134,8 @@ def _split_windows(run: config_lib.RunConfig, limit: int) -> int:
     def count(done, block):  # -> (windows to the block's end, (windows before it, to its end))
         end = done + tf.shape(block, out_type=tf.int64)[0]
         return end, (done, end)
-    ends = window_blocks(run.data, _window_length(run), run.data.eval_split).scan(tf.constant(0, tf.int64), count)
+    blocks = window_blocks(run.data, _window_length(run), run.data.eval_split)
+    ends = blocks.scan(tf.constant(0, tf.int64), count)
     if limit:
         ends = ends.take_while(lambda done, _: done < limit)
     return int(ends.reduce(tf.constant(0, tf.int64), lambda _, before_and_end: before_and_end[1]))

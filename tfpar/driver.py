@@ -246,8 +246,8 @@ def _fit_from(run, adapter, model, start_step: int, callbacks, work_dir: Optiona
         return
     evaluation = {}
     if eval_batches:
-        evaluation = dict(validation_data=adapter.distribute_dataset(data_lib.make_eval_dataset_fn(run, eval_batches)),
-                          validation_steps=eval_batches)
+        held_out = adapter.distribute_dataset(data_lib.make_eval_dataset_fn(run, eval_batches))
+        evaluation = dict(validation_data=held_out, validation_steps=eval_batches)
     epoch, offset = divmod(start_step, run.steps_per_epoch)
     if offset:
         dataset = adapter.distribute_dataset(data_lib.make_dataset_fn(run, skip_steps=start_step))
