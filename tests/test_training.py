@@ -218,13 +218,13 @@ class GradientReduceDtypeTest(TestCase):
 
     def train_recording_all_reduce(self, run):
         """Trains `run`; returns the result and the dtypes the replicas' all-reduces summed."""
-        summed, all_reduce = set(), tf.distribute.ReplicaContext.all_reduce
+        summed, batch_reduce_to = set(), tf.distribute.StrategyExtended.batch_reduce_to
 
-        def recording(context, reduce_op, value, options=None):
-            summed.update(t.dtype.name for t in tf.nest.flatten(value))
-            return all_reduce(context, reduce_op, value, options)
+        def recording(extended, reduce_op, value_destination_pairs, options=None):
+            summed.update(t.dtype.name for value, _ in value_destination_pairs for t in tf.nest.flatten(value))
+            return batch_reduce_to(extended, reduce_op, value_destination_pairs, options)
 
-        with mock.patch.object(tf.distribute.ReplicaContext, "all_reduce", recording):
+        with mock.patch.object(tf.distribute.StrategyExtended, "batch_reduce_to", recording):
             return self.train(run), summed
 
     @parameterized.named_parameters(("graph", False), ("xla", True), ("loss_scaled", False, "mixed_float16"))

@@ -124,7 +124,8 @@ class PipelineStep:
                     flat_grads[id(v)] = g
                 squares.append(training.squared_norm(summed))  # each stage's share, where it lives
         variables = model.trainable_variables
-        model.optimizer.apply_gradients([(flat_grads[id(v)], v) for v in variables])
+        with training.summed_gradients(model.optimizer):  # one replica's: nothing to sum
+            model.optimizer.apply_gradients([(flat_grads[id(v)], v) for v in variables])
         return training.StepOutput(tf.add_n(losses) * training.num_replicas(),
                                    tf.sqrt(tf.add_n(squares)) / scale)
 

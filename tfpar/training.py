@@ -131,13 +131,23 @@ def global_norm(grads: list, scale: tf.Tensor) -> tf.Tensor:
 
 def sum_over_replicas(grads: list) -> list:
     """The gradients summed over the strategy's replicas (in replica context), in one
-    all-reduce; as they are without a tf.distribute strategy. Apply them under
-    `summed_gradients(optimizer)`, so that they are not summed again."""
+    batched all-reduce; as they are without a tf.distribute strategy. Apply them under
+    `summed_gradients(optimizer)`, so that they are not summed again.
+
+    `ReplicaContext.all_reduce` would do the same sums, but wraps them in a
+    `tf.custom_gradient`, which graph mode registers in TF's global gradient registry
+    under a new name at every trace, never to be removed: each traced step's graph
+    stayed alive (~20,000-50,000 Python objects a `fit`; BUILD_NOTES.md). Its
+    merge_call branch, without the gradient that is never taken here, is used instead.
+    """
     if not _in_replica_context():
         return grads
     present = [g for g in grads if g is not None]
-    summed = iter(tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, present)
-                  if present else [])
+
+    def batch_sum(strategy, *values):
+        destinations = [v.device if isinstance(v, tf.Tensor) else v for v in values]
+        return strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, list(zip(values, destinations)))
+    summed = iter(tf.distribute.get_replica_context().merge_call(batch_sum, args=present) if present else [])
     return [None if g is None else next(summed) for g in grads]
 
 
@@ -149,8 +159,11 @@ def summed_gradients(optimizer):
     all-reduce is turned off on this optimizer instance only, while the step is traced,
     and restored after. Every replica passes its all-reduce before the update's
     merge_call completes, so no replica restores it while another still needs it off.
+    Without a strategy Keras's all-reduce sums over the one default replica, but
+    through `ReplicaContext.all_reduce`, whose gradient registration kept every traced
+    step alive (`sum_over_replicas`): it is turned off there too.
     """
-    if not _in_replica_context():
+    if tf.distribute.has_strategy() and not _in_replica_context():
         yield
         return
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # the one that all-reduces
@@ -237,7 +250,8 @@ class TrainStep:
                 loss, grads = self._accumulate(
                     lambda mx, my: self._stateful_grads(model, mx, my, scale), x, y)
                 grads = self._from_reduce(self._for_reduce(grads))
-                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+                with summed_gradients(optimizer):
+                    optimizer.apply_gradients(zip(grads, model.trainable_variables))
                 return StepOutput(loss, global_norm(grads, scale))
             step_fn = tf.function(step, jit_compile=True)
             self._compiled[("whole", id(model))] = step_fn
