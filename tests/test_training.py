@@ -127,6 +127,22 @@ class PrecisionPolicyTest(TestCase):
         self.assertEqual(keras.mixed_precision.global_policy().name, "mixed_bfloat16")
 
 
+class TracedStepsAreFreedTest(TestCase):
+
+    def test_no_gradient_function_is_registered_for_good(self):
+        """tf.custom_gradient (ReplicaContext.all_reduce's) would register a gradient function
+        holding the traced step in TF's global registry at every trace (BUILD_NOTES.md)."""
+        from tensorflow.python.framework import ops  # pylint: disable=import-outside-toplevel
+        for strategy, count, parallel, jit in [("default", 0, None, False), ("default", 0, None, True),
+                                               ("mirrored", 2, None, False),
+                                               ("pipeline", 2, dict(pipeline_stages=2, num_microbatches=1), False)]:
+            with self.subTest(strategy=strategy, jit_compile=jit):
+                reset_devices()
+                before = set(ops._gradient_registry.list())  # pylint: disable=protected-access
+                self.train(tiny_run(strategy, devices_count=count, parallel=parallel, steps=1, jit_compile=jit))
+                self.assertEmpty(set(ops._gradient_registry.list()) - before)  # pylint: disable=protected-access
+
+
 class OptimizerTest(TestCase):
 
     def build(self, **changes):
