@@ -1,5 +1,6 @@
 """Keras 3 Transformer language models (installed as `tfpar.models`)."""
 
+from tfpar import checks
 from tfpar import config as config_lib
 from tfpar import modeling
 from tfpar.models.gpt import GPT
@@ -10,7 +11,7 @@ _MODELS = {"gpt": GPT, "seq2seq": Seq2Seq}
 
 def build(cfg: config_lib.ModelConfig) -> modeling.LanguageModel:
     """Creates the model named by `cfg.name` with its variables built."""
-    config_lib.choice("model", cfg.name, tuple(_MODELS))
+    checks.choice("model", cfg.name, tuple(_MODELS))
     return modeling.build_with(_MODELS[cfg.name](cfg))
 
 

@@ -2,6 +2,7 @@
 
 from typing import Dict, Type
 
+from tfpar import checks
 from tfpar import config as config_lib
 from tfpar.strategies.base import StrategyAdapter
 from tfpar.strategies.default import DefaultAdapter
@@ -35,7 +36,7 @@ def check_name(name: str) -> None:
         raise ValueError(
             f"--strategy={name} is not available yet in this version of tfpar. "
             f"Received: strategy={name!r}; available: {', '.join(_REGISTRY)}.")
-    config_lib.choice("strategy", name, tuple(_REGISTRY))
+    checks.choice("strategy", name, tuple(_REGISTRY))
 
 
 def get(name: str, **options) -> StrategyAdapter:

@@ -4,6 +4,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from tfpar import checks
 from tfpar import config as config_lib
 from tfpar import devices as devices_lib
 from tfpar.strategies import base
@@ -11,7 +12,7 @@ from tfpar.strategies import base
 
 def cross_device_ops(name: str):
     """tf.distribute CrossDeviceOps for a name of config.CROSS_DEVICE_OPS."""
-    config_lib.choice("cross_device_ops", name, config_lib.CROSS_DEVICE_OPS)
+    checks.choice("cross_device_ops", name, config_lib.CROSS_DEVICE_OPS)
     return {
         "auto": lambda: None,
         "hierarchical_copy": tf.distribute.HierarchicalCopyAllReduce,

@@ -11,13 +11,14 @@ from typing import Optional
 import tensorflow as tf
 
 from tfpar import cluster as cluster_lib
+from tfpar import checks
 from tfpar import config as config_lib
 from tfpar.strategies import base
 
 
 def communication_options(name: str) -> tf.distribute.experimental.CommunicationOptions:
     """CommunicationOptions for a name of config.COMMUNICATIONS."""
-    config_lib.choice("communication", name, config_lib.COMMUNICATIONS)
+    checks.choice("communication", name, config_lib.COMMUNICATIONS)
     implementation = {
         "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
         "ring": tf.distribute.experimental.CommunicationImplementation.RING,

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import keras
 import tensorflow as tf
 
+from tfpar import checks
 from tfpar import config as config_lib
 from tfpar import devices as devices_lib
 from tfpar import pipeline_schedule as schedule_lib
@@ -58,9 +59,9 @@ class PipelineAdapter(base.StrategyAdapter):
                  devices: Sequence[str] = (), num_devices: int = 0):
         """Raises: ValueError for a schedule, stage count or device set that cannot work."""
         super().__init__()
-        config_lib.choice("pipeline_schedule", schedule, schedule_lib.SCHEDULES)
-        config_lib.positive("pipeline_stages", num_stages)
-        config_lib.positive("num_microbatches", num_microbatches)
+        checks.choice("pipeline_schedule", schedule, schedule_lib.SCHEDULES)
+        checks.positive("pipeline_stages", num_stages)
+        checks.positive("num_microbatches", num_microbatches)
         self.num_stages, self.num_microbatches = num_stages, num_microbatches
         self.schedule, self.remat = schedule, remat
         self.requested_boundaries = tuple(stage_boundaries)

@@ -34,6 +34,7 @@ from absl import app
 from absl import flags
 
 from tfpar import cluster as cluster_lib
+from tfpar import checks
 from tfpar import config as config_lib
 from tfpar import train as train_cli
 
@@ -79,7 +80,7 @@ def strategy_options() -> dict:
             what = ("is tfpar-train's: tfpar-bench's cells do not use it" if instead.startswith("tfpar-train ")
                     else "is set per cell by tfpar-bench")
             raise ValueError(
-                f"--{name} {what}. Received: {name}={config_lib.shown(FLAGS[name].value)!r}; "
+                f"--{name} {what}. Received: {name}={checks.shown(FLAGS[name].value)!r}; "
                 f"accepted: {instead}.")
     given = {}
     for name, value in train_cli.parallel_options_from_flags().items():
@@ -89,7 +90,7 @@ def strategy_options() -> dict:
         if not set(users) & set(FLAGS.strategies):
             raise ValueError(
                 f"--{name} applies only to --strategies including {' or '.join(users)}. Received: "
-                f"strategies={','.join(FLAGS.strategies)}, {name}={config_lib.shown(value)!r}; accepted: "
+                f"strategies={','.join(FLAGS.strategies)}, {name}={checks.shown(value)!r}; accepted: "
                 f"--strategies with {' or '.join(users)}, or no --{name}.")
         given[name] = value
     return given
@@ -138,7 +139,7 @@ def plan_cells(base: config_lib.RunConfig, options=None):
                 cells.append((label, impl, run, spec))
 
     for strategy in FLAGS.strategies:
-        config_lib.choice("strategies", strategy, config_lib.STRATEGIES)
+        checks.choice("strategies", strategy, config_lib.STRATEGIES)
         if strategy == "default":
             add("default", _with(base, options, strategy="default", num_virtual_devices=0), ("tfpar", "plain"))
         elif strategy == "mirrored":
@@ -163,7 +164,7 @@ def plan_cells(base: config_lib.RunConfig, options=None):
                 if boundaries and len(boundaries) != k - 1:
                     raise ValueError(
                         f"--stage_boundaries fits only pipeline shapes with K={len(boundaries) + 1}. "
-                        f"Received: stage_boundaries={config_lib.shown(boundaries)}, "
+                        f"Received: stage_boundaries={checks.shown(boundaries)}, "
                         f"pipeline_shapes={','.join(FLAGS.pipeline_shapes)}; accepted: shapes with "
                         f"K={len(boundaries) + 1}, or no --stage_boundaries.")
                 add(f"pipeline K{k}xM{m}", _with(base, options, strategy="pipeline", num_virtual_devices=k,
@@ -185,7 +186,7 @@ def plan_cells(base: config_lib.RunConfig, options=None):
 def check_timing_flags() -> None:
     """Raises ValueError unless every cell can time at least one window after its warm-up."""
     for flag in ("steps", "window", "repeats", "bench_devices"):
-        config_lib.positive(flag, FLAGS[flag].value)
+        checks.positive(flag, FLAGS[flag].value)
     if FLAGS.warmup < 1:
         raise ValueError(f"--warmup must be >= 1 (the first step compiles and has no start time). "
                          f"Received: warmup={FLAGS.warmup}; accepted: an integer >= 1.")
@@ -235,9 +236,9 @@ def main(argv):
         return
     try:
         for impl in FLAGS.impls:
-            config_lib.choice("impls", impl, ("tfpar", "plain"))
+            checks.choice("impls", impl, ("tfpar", "plain"))
         check_timing_flags()
-        config_lib.writable_path("out_dir", FLAGS.out_dir, directory=True)  # before minutes of cells
+        checks.writable_path("out_dir", FLAGS.out_dir, directory=True)  # before minutes of cells
         options = strategy_options()
         base = train_cli.config_from_flags(config_lib.ParallelConfig()).replace(
             model_dir=None, metrics_json=None, verbose=0)

@@ -10,6 +10,7 @@ import os
 from absl import app
 from absl import flags
 
+from tfpar import checks
 from tfpar import config as config_lib
 from tfpar import train as train_cli
 
@@ -62,7 +63,7 @@ def main(argv):
     if problem:
         train_cli.fail(problem)
     try:
-        config_lib.valid_seed("seed", FLAGS.seed)
+        checks.valid_seed("seed", FLAGS.seed)
     except ValueError as e:
         train_cli.fail(str(e))
     train_cli.quiet_tensorflow()

@@ -21,6 +21,7 @@ from absl import logging
 
 from tfpar import cli
 from tfpar import cluster
+from tfpar import checks
 from tfpar import config as config_lib
 from tfpar import layouts
 
@@ -102,9 +103,9 @@ def expand_path(value):
 
 def model_from_flags() -> config_lib.ModelConfig:
     """The ModelConfig of the parsed flags (raises ValueError)."""
-    config_lib.choice("model_size", FLAGS.model_size, tuple(config_lib.MODEL_SIZES))
+    checks.choice("model_size", FLAGS.model_size, tuple(config_lib.MODEL_SIZES))
     if FLAGS.seq_len is not None:
-        config_lib.positive("seq_len", FLAGS.seq_len)
+        checks.positive("seq_len", FLAGS.seq_len)
     return config_lib.model_config(FLAGS.model, FLAGS.model_size, seq_len=FLAGS.seq_len,
                                    dropout=FLAGS.dropout)
 
@@ -293,8 +294,8 @@ def check_flags_main(local: bool = True):
         refuse_positional(argv)
         try:
             model_from_flags()
-            config_lib.choice("optimizer", FLAGS.optimizer, config_lib.OPTIMIZERS)
-            config_lib.choice("mixed_precision", FLAGS.mixed_precision, config_lib.PRECISIONS)
+            checks.choice("optimizer", FLAGS.optimizer, config_lib.OPTIMIZERS)
+            checks.choice("mixed_precision", FLAGS.mixed_precision, config_lib.PRECISIONS)
             parallel = config_lib.ParallelConfig(**parallel_options_from_flags())
         except ValueError as e:
             fail(str(e))

@@ -32,6 +32,7 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 import keras
 import tensorflow as tf
 
+from tfpar import checks
 from tfpar import config as config_lib
 
 
@@ -185,7 +186,7 @@ class TrainStep:
                  reduce_dtype: str = "float32"):
         self.grad_accum_steps = grad_accum_steps
         self.jit_compile = jit_compile
-        config_lib.choice("grad_reduce_dtype", reduce_dtype, config_lib.GRAD_REDUCE_DTYPES)
+        checks.choice("grad_reduce_dtype", reduce_dtype, config_lib.GRAD_REDUCE_DTYPES)
         self.reduce_dtype = tf.as_dtype(reduce_dtype)
         self._compiled = {}
 
